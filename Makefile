@@ -17,12 +17,13 @@ lab: install
 
 test: install lint
 	$(PY) -m qlora_edu.notebook_builder check
-	QLORA_EDU_SMOKE=$(SMOKE) MPLBACKEND=agg $(PY) -m pytest -n 2 --dist loadfile \
+	QLORA_EDU_SMOKE=$(SMOKE) $(PY) -m pytest -n 2 --dist loadfile \
 		--nbval-lax --nbval-cell-timeout=900 tests notebooks solutions
 
 lint: install
 	$(VENV)/bin/ruff check qlora_edu tests benchmarks exercises/src notebooks solutions
-	$(VENV)/bin/codespell README.md qlora_edu exercises/src jupyter_book --skip '*.ipynb'
+	$(VENV)/bin/codespell README.md qlora_edu exercises/src jupyter_book tests --skip '*.ipynb'
+	$(PY) -m qlora_edu.notebook_builder sources notebooks/*.ipynb solutions/*.ipynb | $(VENV)/bin/codespell -
 
 # Regenerate exercises/*.ipynb and solutions/*.ipynb from exercises/src/*.py and the package.
 exercises: install

@@ -19,6 +19,7 @@ Commands (run from the repository root)::
     python -m qlora_edu.notebook_builder build     # regenerate exercises/ and solutions/ sources
     python -m qlora_edu.notebook_builder check     # exit 1 if a committed notebook is stale
     python -m qlora_edu.notebook_builder execute notebooks/*.ipynb solutions/*.ipynb
+    python -m qlora_edu.notebook_builder sources notebooks/*.ipynb   # cell text only, for a spell checker
 
 ``build`` keeps the outputs of a solution cell whose source did not change; run ``execute`` after it.
 """
@@ -201,14 +202,19 @@ def execute(paths: list[Path], timeout: int = 1200) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora_edu.notebook_builder",
                                      description="build/check exercise+solution notebooks; execute notebooks")
-    parser.add_argument("command", choices=["build", "check", "execute"])
+    parser.add_argument("command", choices=["build", "check", "execute", "sources"])
     parser.add_argument("paths", nargs="*", type=Path,
                         help="templates for build/check (default: all in exercises/src); notebooks for execute")
     args = parser.parse_args(argv)
-    if args.command == "execute":
+    if args.command in ("execute", "sources"):
         if not args.paths:
-            parser.error("execute: name the notebooks to run")
-        execute(args.paths)
+            parser.error(f"{args.command}: name the notebooks")
+        if args.command == "execute":
+            execute(args.paths)
+        else:
+            for p in args.paths:
+                for cell in nbformat.read(p, as_version=4).cells:
+                    print(cell.source)
         return 0
     templates = [p.resolve() for p in args.paths] or sorted(TEMPLATES.glob("*.py"))
     if not templates:
