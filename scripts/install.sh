@@ -30,7 +30,12 @@ fi
 
 start=$(date +%s)
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
+# (Some machines' pip configuration names package folders that do not exist; pip warns about each one.
+# Those warnings say nothing about the install, so they are filtered out.)
+pip() {
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
+    2> >(grep -v "is neither a file nor a directory" >&2)
+}
 echo "install: $why ($TORCH_SPEC)"
 pip "$TORCH_SPEC"
 echo "install: the course package and its libraries (bitsandbytes, transformers, peft, jupyterlab, ...)"
