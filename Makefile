@@ -12,8 +12,9 @@ SMOKE  ?= 1
 install:
 	@bash scripts/install.sh
 
+# (Jupyter refuses to run as root without --allow-root; containers and cloud machines often are root.)
 lab: install
-	$(VENV)/bin/jupyter lab notebooks/00_tour.ipynb
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/00_tour.ipynb
 
 test: install lint
 	$(PY) -m qlora_edu.notebook_builder check

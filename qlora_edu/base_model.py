@@ -258,6 +258,8 @@ def convert_gguf(gguf: Path, cache_dir: Path, *, progress: bool = True) -> Path:
 def _move_into_place(tmp: Path, cache_dir: Path, gguf: Path) -> None:
     """Rename ``tmp`` to ``cache_dir``; an old broken ``cache_dir`` is moved aside first, then deleted."""
     old = None
+    if cache_dir.exists() and cache_problem(cache_dir, gguf) is None:
+        return  # another process (a second notebook, a test worker) finished first: keep its complete folder
     if cache_dir.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.old-", dir=cache_dir.parent))
         os.replace(cache_dir, old / "cache")
