@@ -42,18 +42,19 @@ def absmax_quantize(x: torch.Tensor, bits: int = 4, blocksize: int = 64) -> tupl
     check_int("bits", bits, low=2, high=8)
     check_int("blocksize", blocksize, low=1)
     qmax = 2 ** (bits - 1) - 1
+    n = x.numel()
     # BEGIN SOLUTION
     # Hint: flatten x to float32 and pad it with zeros to whole blocks, view it as (n_blocks, blocksize),
     # Hint: scale = row absmax / qmax, codes = round(x / scale); a zero scale must give codes 0, not NaN.
+    # Hint: end with `scales` (float32, one per block) and `codes` (any shape, the n codes first in flat order).
     flat = x.detach().flatten().float()
-    n = flat.numel()
     blocks = F.pad(flat, (0, n_blocks(n, blocksize) * blocksize - n)).view(-1, blocksize)
     scales = blocks.abs().amax(dim=1) / qmax
     # Divide by 1 where the block is all zeros: its elements are 0, so their codes stay 0.
     safe = torch.where(scales == 0, torch.ones_like(scales), scales)
     codes = torch.round(blocks / safe[:, None]).clamp_(-qmax, qmax)
     # END SOLUTION
-    return codes.to(torch.int8).flatten()[:n].view(x.shape), scales
+    return codes.flatten()[:n].to(torch.int8).view(x.shape), scales
 
 
 def absmax_dequantize(codes: torch.Tensor, scales: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
@@ -76,9 +77,10 @@ def absmax_dequantize(codes: torch.Tensor, scales: torch.Tensor, blocksize: int 
     if tuple(scales.shape) != expected:
         raise ValueError(f"scales must have shape {expected} for {codes.numel()} codes at blocksize "
                          f"{blocksize}, got {tuple(scales.shape)}")
-    # BEGIN SOLUTION
-    # Hint: give every element the scale of its block: scales.repeat_interleave(blocksize)[:n].
     n = codes.numel()
+    # BEGIN SOLUTION
+    # Hint: give every element the scale of its block: scales.repeat_interleave(blocksize)[:n];
+    # Hint: end with `deq`, the n float32 values in flat order.
     per_element = scales.float().repeat_interleave(blocksize)[:n]
     deq = codes.flatten().float() * per_element
     # END SOLUTION

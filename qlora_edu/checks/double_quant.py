@@ -146,7 +146,10 @@ def double_dequantize_matches_bitsandbytes(impl):
 def quantize_nf4_matches_bitsandbytes(impl):
     """quantize_nf4(x) (double_quant=True) stores what bitsandbytes stores, and dequantizes the same."""
     bnbf = bnb_functional()
-    for seed, shape, dtype in ((5, (300, 70), torch.bfloat16), (6, (33, 18), torch.float16)):
+    # (4096, 4096) has 262,144 constants: enough for a multi-threaded float32 mean to differ in its last bit
+    # from a single-threaded one, which moves codes; bitsandbytes takes the mean on the caller's threads.
+    for seed, shape, dtype in ((5, (300, 70), torch.bfloat16), (6, (33, 18), torch.float16),
+                               (0, (4096, 4096), torch.float32)):
         x = _weights(seed, shape, dtype)
         packed, _, state = _bnb_state(x)
         t = impl.quantize_nf4(x, blocksize=64, double_quant=True)
