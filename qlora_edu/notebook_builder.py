@@ -66,7 +66,7 @@ def exercise_version(source: str) -> str:
     """Replace each marked region with its hint lines and a ``NotImplementedError`` naming the function."""
     out: list[str] = []
     lines = source.splitlines(keepends=True)
-    inside, func = False, "this function"
+    inside, func = False, "this task"  # a region outside any function is a task cell
     for ln in lines:
         stripped = ln.strip()
         m = re.match(r"\s*def (\w+)\(", ln)
