@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from qlora_edu import (
@@ -20,13 +20,13 @@ from qlora_edu import (
     quantize_nf4,
     rounding_mismatch_rate,
 )
+from qlora_edu.checks import property_settings
 from qlora_edu.double_quant import grid_lookup_table
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # no warning about the optional `kernels` package
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
-FAST = settings(max_examples=30, derandomize=True, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FAST = property_settings(30)
 
 
 def bnb_double_quantize(absmax: torch.Tensor, blocksize: int = 256):

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from qlora_edu import (
@@ -26,14 +26,14 @@ from qlora_edu import (
     quantize_nf4,
     unpack_4bit,
 )
+from qlora_edu.checks import property_settings
 from qlora_edu.checks.nf4 import FP4_MAGNITUDES, NF4_TABLE
 from qlora_edu.quant4bit import for_each_slice, serial_torch
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # no warning about the optional `kernels` package
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
-FAST = settings(max_examples=40, derandomize=True, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FAST = property_settings(40)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 CODES = {"nf4": nf4_code, "fp4": fp4_code}

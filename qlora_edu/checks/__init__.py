@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+from hypothesis import HealthCheck, settings
 
 # Chapter modules that hold cases; imported lazily so that importing qlora_edu stays light.
 CHAPTER_MODULES = {
@@ -31,6 +32,13 @@ CHAPTER_MODULES = {
     "nf4": "qlora_edu.checks.nf4",
     "double_quant": "qlora_edu.checks.double_quant",
 }
+
+
+def property_settings(max_examples: int = 40) -> settings:
+    """Hypothesis settings for the course's property tests: deterministic (the same examples every run,
+    no example database), no deadline (two slow CPU cores), ``max_examples`` examples."""
+    return settings(max_examples=max_examples, derandomize=True, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 class CheckFailure(AssertionError):

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from qlora_edu.checks import CheckFailure, case, expect_close, expect_equal, expect_raises, expect_true
+from qlora_edu.checks import (
+    CheckFailure,
+    case,
+    expect_close,
+    expect_equal,
+    expect_raises,
+    expect_true,
+    property_settings,
+)
 
-FAST = settings(max_examples=40, derandomize=True, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow], database=None)
+FAST = property_settings(40)
 
 
 def reference_scales(x: torch.Tensor, bits: int, blocksize: int) -> np.ndarray:
