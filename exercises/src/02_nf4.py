@@ -18,7 +18,6 @@
 
 # %% tags=["setup"]
 import math
-import threading
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +31,7 @@ from qlora_edu.quant4bit import (
     check_code,
     check_shape,
     for_each_slice,
+    scratch_buffers,
 )
 from qlora_edu.validation import FLOAT_DTYPES, check_dtype, check_float_tensor, check_int, n_blocks
 

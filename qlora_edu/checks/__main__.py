@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_report(outcomes, f"== {nb} ({', '.join(functions)})") + "\n")
         totals["passed"] += sum(o.passed for o in outcomes)
         totals["failed"] += sum(not o.passed for o in outcomes)
-    print(f"exercises: {totals['passed']} passed, {totals['failed']} failed")
+    print(f"battery: {totals['passed']} passed, {totals['failed']} failed")
     return 0 if totals["failed"] == 0 else 1
 
 
