@@ -7,7 +7,7 @@ Chapter by chapter:
 
 * 1  absmax block quantization ........ :mod:`qlora_edu.absmax`
 * 2  the NF4 data type ................ :mod:`qlora_edu.nf4`, :mod:`qlora_edu.packing`, :mod:`qlora_edu.quant4bit`
-* 3  double quantization .............. :mod:`qlora_edu.double_quant`
+* 3  double quantization .............. :mod:`qlora_edu.double_quant`, :mod:`qlora_edu.nf4_tensor`
 
 and around them: :mod:`qlora_edu.base_model` (the offline SmolLM2-135M base model),
 :mod:`qlora_edu.device` (which device and dtype a notebook runs on), :mod:`qlora_edu.checks`.
@@ -26,9 +26,10 @@ from qlora_edu.double_quant import (
     rounding_mismatch_rate,
 )
 from qlora_edu.nf4 import fp4_code, int4_code, nf4_code
+from qlora_edu.nf4_tensor import NF4Tensor, dequantize_nf4, quantize_nf4
 from qlora_edu.packing import pack_4bit, unpack_4bit
 from qlora_edu.perplexity import perplexity, reference_text, replace_linear_weights
-from qlora_edu.quant4bit import NF4Tensor, dequantize_4bit, dequantize_nf4, quantize_4bit, quantize_nf4
+from qlora_edu.quant4bit import dequantize_4bit, quantize_4bit
 from qlora_edu.storage import (
     LLAMA_SHAPES,
     bits_per_param,

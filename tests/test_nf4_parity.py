@@ -1,6 +1,9 @@
 """Broad parity of qlora_edu's 4-bit code tables, packing and quantize_4bit / dequantize_4bit with
 bitsandbytes 0.50.2 on CPU, plus property tests and bad input. The learner battery
-(qlora_edu/checks/nf4.py) holds the small, fast subset of these."""
+(qlora_edu/checks/nf4.py) holds the small, fast subset of these.
+
+The 4-bit tests run twice: on the lesson's one-pass functions (qlora_edu.quant4bit) and on the sliced,
+multi-threaded ones that quantize_nf4 / dequantize_nf4 use (qlora_edu.fast4bit)."""
 
 from __future__ import annotations
 
@@ -17,18 +20,18 @@ from qlora_edu import (
     absmax_quantize,
     dequantize_4bit,
     dequantize_nf4,
+    fast4bit,
     fp4_code,
     int4_code,
     nf4_code,
     pack_4bit,
-    quant4bit,
     quantize_4bit,
     quantize_nf4,
     unpack_4bit,
 )
 from qlora_edu.checks import property_settings
 from qlora_edu.checks.nf4 import FP4_MAGNITUDES, NF4_TABLE
-from qlora_edu.quant4bit import for_each_slice, serial_torch
+from qlora_edu.fast4bit import dequantize_4bit_fast, for_each_slice, quantize_4bit_fast, serial_torch
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # no warning about the optional `kernels` package
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -39,6 +42,11 @@ BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 CODES = {"nf4": nf4_code, "fp4": fp4_code}
 # 1-D, odd counts, a single partial block, sizes not divisible by the block size, 3-D, exact multiples.
 SHAPES = [(1,), (7,), (64,), (1001,), (3, 37), (5, 3, 33), (2, 4097), (16, 256), (300, 70)]
+
+
+# the lesson's functions and the fast ones behind quantize_nf4 / dequantize_nf4: the same contract
+QUANTIZERS = [pytest.param(quantize_4bit, id="lesson"), pytest.param(quantize_4bit_fast, id="fast")]
+DEQUANTIZERS = [pytest.param(dequantize_4bit, id="lesson"), pytest.param(dequantize_4bit_fast, id="fast")]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -149,25 +157,27 @@ def test_packing_bad_input(call, error, name):
 # ------------------------------------------------------------------------------------------ quantize_4bit
 
 
+@pytest.mark.parametrize("quantize", QUANTIZERS)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_quantize_4bit_matches_bitsandbytes(dtype, blocksize, quant_type):
+def test_quantize_4bit_matches_bitsandbytes(dtype, blocksize, quant_type, quantize):
     for i, shape in enumerate(SHAPES):
         x = sample(shape, dtype, seed=1000 * i + blocksize)
         expected, state = bnb_quantize(x, blocksize, quant_type)
-        packed, absmax = quantize_4bit(x, CODES[quant_type](), blocksize)
+        packed, absmax = quantize(x, CODES[quant_type](), blocksize)
         assert packed.shape == (math.ceil(x.numel() / 2), 1) and packed.dtype == torch.uint8
         assert torch.equal(absmax, state.absmax), shape
         assert torch.equal(packed, expected), shape
 
 
+@pytest.mark.parametrize("quantize", QUANTIZERS)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("case", [
     "all-zero", "zero-full-block", "zero-partial-block", "subnormal-partial-block", "subnormal-full-block",
     "huge", "fp16-max", "plus-minus-absmax", "tiny-around-zero",
 ])
-def test_quantize_4bit_special_values_match_bitsandbytes(case, quant_type):
+def test_quantize_4bit_special_values_match_bitsandbytes(case, quant_type, quantize):
     dtype = torch.float32
     if case == "all-zero":
         x = torch.zeros(3, 50)
@@ -191,7 +201,7 @@ def test_quantize_4bit_special_values_match_bitsandbytes(case, quant_type):
     else:  # values just either side of 0: FP4 gives (-0.0026, 0] code 0 and (0, 0.0026] code 8
         x = torch.tensor([1.0, 1e-4, -1e-4, 0.0, 2e-3, -2e-3, 1e-10] * 10)
     expected, state = bnb_quantize(x, 64, quant_type)
-    packed, absmax = quantize_4bit(x, CODES[quant_type](), 64)
+    packed, absmax = quantize(x, CODES[quant_type](), 64)
     assert torch.equal(bits(absmax), bits(state.absmax))
     assert torch.equal(packed, expected)
 
@@ -240,19 +250,21 @@ DEQUANT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dequantize", DEQUANTIZERS)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, blocksize", DEQUANT_CASES, ids=lambda v: str(v))
-def test_dequantize_4bit_matches_bitsandbytes(shape, blocksize, dtype, quant_type):
+def test_dequantize_4bit_matches_bitsandbytes(shape, blocksize, dtype, quant_type, dequantize):
     assert not bnb_dequant_is_wrong_for(shape, blocksize)
     x = sample(shape, dtype, seed=blocksize + len(shape))
     packed, state = bnb_quantize(x, blocksize, quant_type)
     expected = bnbf.dequantize_4bit(packed, state).reshape(shape)  # 1-D comes back as (1, n)
-    got = dequantize_4bit(packed, state.absmax, CODES[quant_type](), shape, blocksize, dtype)
+    got = dequantize(packed, state.absmax, CODES[quant_type](), shape, blocksize, dtype)
     assert got.shape == shape and got.dtype == dtype
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("dequantize", DEQUANTIZERS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, blocksize", [
     # bitsandbytes 0.50.2 on AVX512 CPUs dequantizes these wrongly (errors up to ~2): our reference is float64
@@ -261,12 +273,12 @@ def test_dequantize_4bit_matches_bitsandbytes(shape, blocksize, dtype, quant_typ
     pytest.param((3, 48), 32, id="bnb-avx512-bug-3x48-bs32"),
     pytest.param((2, 1040), 1024, id="bnb-avx512-bug-2x1040-bs1024"),
 ])
-def test_dequantize_4bit_bug_shapes_against_float64_reference(shape, blocksize, dtype):
+def test_dequantize_4bit_bug_shapes_against_float64_reference(shape, blocksize, dtype, dequantize):
     assert bnb_dequant_is_wrong_for(shape, blocksize)
     x = sample(shape, dtype, seed=17)
     packed, absmax = quantize_4bit(x, nf4_code(), blocksize)
     expected = float64_dequant(packed, absmax, nf4_code(), shape, blocksize, dtype)
-    assert torch.equal(dequantize_4bit(packed, absmax, nf4_code(), shape, blocksize, dtype), expected)
+    assert torch.equal(dequantize(packed, absmax, nf4_code(), shape, blocksize, dtype), expected)
 
 
 @FAST
@@ -312,7 +324,11 @@ BYTES5 = torch.zeros(5, dtype=torch.uint8)  # 10 codes
 ], ids=["int-x", "list-x", "empty-x", "nan-x", "inf-x", "15-codes", "float64-code", "code-without-0",
         "blocksize-48", "blocksize-16", "blocksize-8192", "float-blocksize", "int8-packed", "numel-vs-packed",
         "absmax-length", "float64-absmax", "int-shape", "int-dtype", "not-nf4tensor"])
-def test_bad_input_names_the_argument(call, error, name):
+@pytest.mark.parametrize("fast", [False, True], ids=["lesson", "fast"])
+def test_bad_input_names_the_argument(call, error, name, fast, monkeypatch):
+    if fast:  # the same calls, routed to the sliced functions
+        monkeypatch.setitem(call.__globals__, "quantize_4bit", quantize_4bit_fast)
+        monkeypatch.setitem(call.__globals__, "dequantize_4bit", dequantize_4bit_fast)
     with pytest.raises(error, match=name):
         call(nf4_code())
 
@@ -343,20 +359,47 @@ def test_for_each_slice_covers_every_item_once_and_restores_torch_threads():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_results_do_not_depend_on_threads_or_slice_size(threads, monkeypatch):
+def test_fast_results_do_not_depend_on_threads_or_slice_size(threads, monkeypatch):
     x = sample((300, 1000), torch.bfloat16, seed=31)
     expected, state = bnb_quantize(x, 64, "nf4")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for elements in (1 << 12, 1 << 18, 1 << 22):
-            monkeypatch.setattr(quant4bit, "SLICE_ELEMENTS", elements)
-            packed, absmax = quantize_4bit(x, nf4_code(), 64)
+            monkeypatch.setattr(fast4bit, "SLICE_ELEMENTS", elements)
+            packed, absmax = quantize_4bit_fast(x, nf4_code(), 64)
             assert torch.equal(packed, expected) and torch.equal(absmax, state.absmax)
-            y = dequantize_4bit(packed, absmax, nf4_code(), x.shape, 64, torch.bfloat16)
+            y = dequantize_4bit_fast(packed, absmax, nf4_code(), x.shape, 64, torch.bfloat16)
             assert torch.equal(y, bnbf.dequantize_4bit(expected, state))
     finally:
         torch.set_num_threads(previous)
+
+
+@FAST
+@given(st.integers(1, 5000), st.sampled_from(BLOCKSIZES), st.sampled_from(DTYPES), st.sampled_from(["nf4", "fp4"]),
+       st.sampled_from([1, 64, 100, 1 << 12]), st.integers(0, 2**31 - 1))
+def test_fast_equals_lesson_over_many_slices(n, blocksize, dtype, quant_type, slice_elements, seed):
+    """Slices of whole blocks (at least one), the last one partial or odd: the same bytes and values."""
+    x = sample((n,), dtype, seed)
+    code = CODES[quant_type]()
+    previous = fast4bit.SLICE_ELEMENTS
+    fast4bit.SLICE_ELEMENTS = slice_elements  # (hypothesis runs examples in one test call: no monkeypatch)
+    try:
+        packed, absmax = quantize_4bit_fast(x, code, blocksize)
+        y = dequantize_4bit_fast(packed, absmax, code, (n,), blocksize, dtype)
+    finally:
+        fast4bit.SLICE_ELEMENTS = previous
+    expected_packed, expected_absmax = quantize_4bit(x, code, blocksize)
+    assert torch.equal(packed, expected_packed) and torch.equal(bits(absmax), bits(expected_absmax))
+    assert torch.equal(y, dequantize_4bit(packed, absmax, code, (n,), blocksize, dtype))
+
+
+def test_fast_quantize_counts_nan_in_the_whole_tensor(monkeypatch):
+    monkeypatch.setattr(fast4bit, "SLICE_ELEMENTS", 64)
+    x = torch.ones(64 * 10)
+    x[[3, 200, 500]] = float("nan")  # three slices
+    with pytest.raises(ValueError, match=r"x must be finite: it holds 3 NaN"):
+        quantize_4bit_fast(x, nf4_code())
 
 
 # ------------------------------------------------------------------------------------------ NF4Tensor

@@ -24,16 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from qlora_edu.nf4 import NF4_OFFSET
-from qlora_edu.quant4bit import (
-    MIN_ABSMAX,
-    SLICE_ELEMENTS,
-    check_blocksize,
-    check_code,
-    check_shape,
-    for_each_slice,
-    scratch_buffers,
-)
-from qlora_edu.validation import FLOAT_DTYPES, check_dtype, check_float_tensor, check_int, n_blocks
+from qlora_edu.quant4bit import MIN_ABSMAX, check_blocksize, check_code, check_dequantize_args
+from qlora_edu.validation import all_finite, check_dtype, check_float_tensor, check_int, n_blocks
 
 # %% [markdown]
 # ## Exercise 2.1: the NF4 table
@@ -94,8 +86,11 @@ print("unpack them again:", unpack_4bit(packed, 5).tolist())
 # 4. pack the codes two a byte (first element high), padding an odd count with the code of 0.0.
 #
 # Return `packed` as uint8 of shape `(ceil(n / 2), 1)`, as bitsandbytes does, and `absmax` as float32 of
-# shape `(ceil(n / blocksize),)`. A straightforward vectorized version over all blocks at once is all
-# you need; the package's version cuts the work into slices only for speed.
+# shape `(ceil(n / blocksize),)`. One vectorized pass over all blocks at once is all you need (no Python
+# loop over blocks or elements). Use your own `pack_4bit` from 2.2 for the last step.
+#
+# *Speed, for later:* the package's `quantize_nf4` calls this very function on slices of about 2^18
+# elements, on every core (`qlora_edu/fast4bit.py`); slicing keeps the temporaries in the CPU cache.
 
 # %%
 # @solution qlora_edu.quant4bit.quantize_4bit
@@ -125,7 +120,12 @@ print("same bytes as bitsandbytes:", torch.equal(packed, packed_bnb))
 # ## Exercise 2.4: dequantize
 #
 # Unpack the codes, look up their values in the table and multiply each by its block's absmax, in
-# float32; then round to `dtype` and give the result `shape`.
+# float32; then round to `dtype` and give the result `shape`. The argument checks are one call,
+# `check_dequantize_args`, because the package's fast version (below) shares them.
+#
+# *Speed, for later:* `dequantize_nf4` runs this computation as `dequantize_4bit_fast` in
+# `qlora_edu/fast4bit.py`: a table of the two values of every byte (256 rows) decodes two codes with one
+# lookup, slice by slice on every core. The tests check it equal to this function and to bitsandbytes.
 
 # %%
 # @solution qlora_edu.quant4bit.dequantize_4bit

@@ -1,0 +1,103 @@
+"""Chapter 3: a weight stored the way QLoRA stores it, NF4 codes plus double-quantized constants.
+
+:class:`NF4Tensor` holds exactly the tensors that are kept (so ``nbytes`` is the real storage cost), and
+:func:`quantize_nf4` / :func:`dequantize_nf4` go to and from it, equal to bitsandbytes'
+``quantize_4bit(..., quant_type="nf4", compress_statistics=True)`` and ``dequantize_4bit``:
+
+    weight --quantize_4bit(nf4_code(), 64)--> packed codes (4 bits) + absmax (float32, one per 64)
+    absmax --double_quantize(256)----------> 8-bit codes + offset (the mean) + absmax2 (one per 256)
+
+(:mod:`qlora_edu.quant4bit`, :mod:`qlora_edu.double_quant`). The 4-bit steps run through
+:mod:`qlora_edu.fast4bit`: the same bytes, in slices on every core, because the from-scratch QLoRA layer
+dequantizes every weight in every forward and backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qlora_edu.double_quant import check_rounding, double_dequantize, double_quantize
+from qlora_edu.fast4bit import dequantize_4bit_fast, quantize_4bit_fast
+from qlora_edu.nf4 import nf4_code
+from qlora_edu.validation import check_power_of_two
+
+
+@dataclass(frozen=True, eq=False)
+class NF4Tensor:
+    """A weight as QLoRA stores it: exactly the tensors that are kept, plus how to read them.
+
+    Attributes:
+        packed: uint8 ``(ceil(n / 2), 1)``, two NF4 codes a byte (first element in the high nibble).
+        absmax: float32 ``(n_blocks,)`` constants, or, with ``double_quant``, their uint8 codes into
+            ``dynamic_map(True)``.
+        shape, dtype: the original weight's shape and dtype (``dequantize_nf4`` returns them).
+        blocksize: weights per first-level block (64 in QLoRA).
+        double_quant: whether ``absmax`` holds 8-bit codes.
+        offset: float32 0-d mean of the constants (double quantization only).
+        absmax2: float32 ``(ceil(n_blocks / blocksize2),)`` second-level constants (double quantization only).
+        blocksize2: constants per second-level block (256).
+
+    The two code tables (NF4's 16 values, the dynamic map's 256) are constants of the format and not
+    counted; bitsandbytes' ``QuantState`` keeps a copy of both with every weight (64 B + 1 KiB).
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    double_quant: bool = False
+    offset: torch.Tensor | None = None
+    absmax2: torch.Tensor | None = None
+    blocksize2: int = 256
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors: packed codes + constants (+ offset and absmax2)."""
+        stored = [self.packed, self.absmax, self.offset, self.absmax2]
+        return sum(t.numel() * t.element_size() for t in stored if t is not None)
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.nbytes / self.numel
+
+    def __repr__(self) -> str:
+        constants = f"double_quant=True, blocksize2={self.blocksize2}" if self.double_quant else "double_quant=False"
+        return (f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, {constants}, "
+                f"nbytes={self.nbytes}, {self.bits_per_param:.3f} bits/param)")
+
+
+def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = True, rounding: str = "grid",
+                 blocksize2: int = 256) -> NF4Tensor:
+    """Store ``x`` as QLoRA does: NF4 codes, with the constants double-quantized by default.
+
+    Matches ``bitsandbytes.functional.quantize_4bit(x, quant_type="nf4", blocksize=blocksize,
+    compress_statistics=double_quant)``: the packed bytes, and ``absmax`` / ``offset`` / ``state2.absmax``
+    (with ``rounding="grid"``; ``"nearest"`` differs on ~0.2% of the constants' codes).
+    """
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    check_rounding(rounding)
+    check_power_of_two("blocksize2", blocksize2, low=32, high=4096)
+    packed, absmax = quantize_4bit_fast(x, nf4_code(), blocksize)
+    if not double_quant:
+        return NF4Tensor(packed, absmax, x.shape, x.dtype, blocksize)
+    # Not inside serial_torch(): the float32 mean of the constants depends on how many threads sum it,
+    # and bitsandbytes takes it with the caller's threads. Same threads, same last bit, same codes.
+    codes, offset, absmax2 = double_quantize(absmax, blocksize2, rounding)
+    return NF4Tensor(packed, codes, x.shape, x.dtype, blocksize, True, offset, absmax2, blocksize2)
+
+
+def dequantize_nf4(t: NF4Tensor) -> torch.Tensor:
+    """The weight back from an :class:`NF4Tensor`, in its original shape and dtype."""
+    if not isinstance(t, NF4Tensor):
+        raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
+    absmax = double_dequantize(t.absmax, t.offset, t.absmax2, t.blocksize2) if t.double_quant else t.absmax
+    return dequantize_4bit_fast(t.packed, absmax, nf4_code(), t.shape, t.blocksize, t.dtype)
