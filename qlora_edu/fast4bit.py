@@ -74,12 +74,17 @@ def for_each_slice(fn: Callable[[int, int], None], n_items: int, step: int) -> N
     """
     global _POOL, _POOL_SIZE
     starts = itertools.count(0, step)  # shared by the workers; next() on it is atomic under the GIL
+    failed = threading.Event()  # set by a worker whose slice raised: the others stop at their next slice
 
     def work() -> None:
-        for start in starts:
-            if start >= n_items:
-                return
-            fn(start, min(n_items, start + step))
+        try:
+            for start in starts:
+                if start >= n_items or failed.is_set():
+                    return
+                fn(start, min(n_items, start + step))
+        except BaseException:
+            failed.set()
+            raise
 
     with serial_torch():
         workers = min(_WORKERS, math.ceil(n_items / step))

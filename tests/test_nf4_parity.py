@@ -346,12 +346,16 @@ def test_for_each_slice_covers_every_item_once_and_restores_torch_threads():
     for_each_slice(mark, 1000, 64)
     assert bool((seen == 1).all()) and torch.get_num_threads() == threads
 
+    calls = []
+
     def fail(start, stop):
+        calls.append(start)
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
         for_each_slice(fail, 1000, 64)
     assert torch.get_num_threads() == threads
+    assert len(calls) <= threads  # after a failure no worker starts another slice
     with serial_torch():
         assert torch.get_num_threads() == 1
         for_each_slice(mark, 1000, 64)

@@ -112,6 +112,29 @@ def double_quantize_grid_rounding_dense(impl):
     _expect_same_codes("codes of 2**20 dense constants", codes, expected)
 
 
+@case("double_quantize", hint="a block whose constants all equal the mean has absmax2 = 0: store 0 (no clamp); "
+      "its scaled values 0 * (1 / 0) are NaN, which bitsandbytes' grid snap sends to grid point 0 (code 0)")
+def double_quantize_constant_block(impl):
+    """Blocks of 256 constants all equal to the mean (an all-zero weight, or a run of equal constants): absmax2
+    is 0 and the codes are bitsandbytes' (grid point 0); rounding='nearest' must not fail on them either."""
+    bnbf = bnb_functional()
+    table = bnbf.create_dynamic_map(signed=True)
+    equal_run = torch.cat([torch.ones(256), torch.tensor([0.5, 1.5] * 22)])  # mean exactly 1.0
+    for label, absmax in (("256 constants equal to the mean, then 44 others", equal_run),
+                          ("300 zero constants (an all-zero weight)", torch.zeros(300))):
+        offset = absmax.mean()
+        expected, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+        codes, got_offset, absmax2 = impl.double_quantize(absmax, blocksize=256, rounding="grid")
+        expect_equal(f"offset of {label}", got_offset.reshape(()), offset)
+        expect_equal(f"absmax2 of {label}", absmax2, state2.absmax,
+                     hint="max |absmax - offset| per block, 0 for a constant block: do not clamp it")
+        _expect_same_codes(f"codes of {label}", codes, expected)
+        codes, _, absmax2 = impl.double_quantize(absmax, blocksize=256, rounding="nearest")
+        read_back = table[codes.long()] * absmax2.repeat_interleave(256)[:300] + offset
+        expect_equal(f"{label} read back from rounding='nearest' codes (any code times absmax2 = 0 is 0)",
+                     read_back[:256], torch.full((256,), float(offset)))
+
+
 @case("double_quantize", "dynamic_map", hint="rounding='nearest' must pick the closest dynamic-map value to "
       "(absmax - offset) * (1 / absmax2), the lower one on an exact tie")
 def double_quantize_nearest_is_nearest(impl):
