@@ -31,7 +31,13 @@ from contextlib import contextmanager
 
 import torch
 
-from qlora_edu.quant4bit import check_blocksize, check_code, check_dequantize_args, quantize_4bit
+from qlora_edu.quant4bit import (
+    check_blocksize,
+    check_code,
+    check_dequantize_args,
+    dequantize_4bit,
+    quantize_4bit,
+)
 from qlora_edu.validation import check_float_tensor, n_blocks
 
 #: Elements processed per slice (rounded down to whole blocks). 2**18 measured best on a 2-core x86 VM:
@@ -173,7 +179,6 @@ def dequantize_4bit_fast(packed: torch.Tensor, absmax: torch.Tensor, code: torch
 
     for_each_slice(dequantize_blocks, n_full, max(1, SLICE_ELEMENTS // blocksize))
     full = n_full * blocksize
-    if full < n:  # the last, partial block
-        values = pair_table.index_select(0, flat[full // 2:].int()).flatten()[: n - full]
-        out[full:] = values * scale[-1]
+    if full < n:  # the last, partial block: small, so the lesson's function does it
+        out[full:] = dequantize_4bit(flat[full // 2:], scale[-1:], code, (n - full,), blocksize, dtype)
     return out.view(shape)
