@@ -7,36 +7,44 @@ STAMP  := $(VENV)/.qlora-edu-installed
 # Short mode for the long notebook runs (perplexity, training): same code, smaller budgets.
 SMOKE  ?= 1
 
-.PHONY: lab test install lint exercises execute check-exercises bench book clean-cache
+.PHONY: lab test test-gpu install lint exercises execute check-exercises bench book
 
 install:
 	@bash scripts/install.sh
 
-# (Jupyter refuses to run as root without --allow-root; containers and cloud machines often are root.)
+# JupyterLab with the repository as its root, opening on the README (the course map); see scripts/lab.sh.
 lab: install
-	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/00_tour.ipynb
+	bash scripts/lab.sh
 
 test: install lint
-	$(PY) -m qlora_edu.notebook_builder check
-	QLORA_EDU_SMOKE=$(SMOKE) $(PY) -m pytest -n 2 --dist loadfile \
+	$(PY) scripts/notebook_builder.py check
+	# One torch thread per worker: two workers on two cores (more threads than cores stall torch's kernels).
+	OMP_NUM_THREADS=1 QLORA_EDU_SMOKE=$(SMOKE) $(PY) -m pytest -n 2 --dist loadfile \
 		--nbval-lax --nbval-cell-timeout=900 tests notebooks solutions
 
 lint: install
-	$(VENV)/bin/ruff check qlora_edu tests benchmarks exercises/src notebooks solutions
+	$(VENV)/bin/ruff check qlora_edu tests benchmarks scripts exercises/src notebooks solutions
 	$(VENV)/bin/codespell README.md qlora_edu exercises/src jupyter_book tests --skip '*.ipynb'
-	$(PY) -m qlora_edu.notebook_builder sources notebooks/*.ipynb solutions/*.ipynb | $(VENV)/bin/codespell -
+	$(PY) scripts/notebook_builder.py sources notebooks/*.ipynb solutions/*.ipynb | $(VENV)/bin/codespell -
 
 # Regenerate exercises/*.ipynb and solutions/*.ipynb from exercises/src/*.py and the package.
 exercises: install
-	$(PY) -m qlora_edu.notebook_builder build
+	$(PY) scripts/notebook_builder.py build
 
 # Re-run notebooks top to bottom and save their outputs (full mode, SMOKE=0). Commit the result.
 execute: install
-	QLORA_EDU_SMOKE=0 $(PY) -m qlora_edu.notebook_builder execute notebooks/*.ipynb solutions/*.ipynb
+	QLORA_EDU_SMOKE=0 $(PY) scripts/notebook_builder.py execute notebooks/*.ipynb solutions/*.ipynb
 
 # Check your own exercise code: every exercise notebook through the test battery.
 check-exercises: install
 	$(PY) -m qlora_edu.checks exercises
+
+# The CUDA tests alone (`gpu` marker). Needs only torch, bitsandbytes, pytest and hypothesis, so it also runs on a
+# GPU machine without the course's environment: make test-gpu PYTHON_GPU=python3
+PYTHON_GPU ?= $(PY)
+test-gpu:
+	$(PYTHON_GPU) -m pytest -m gpu -p no:cacheprovider tests/test_01_absmax.py tests/test_02_nf4.py \
+		tests/test_03_double_quant.py
 
 bench: install
 	$(PY) benchmarks/bench_nf4.py

@@ -11,6 +11,7 @@ On a size x size bf16 matrix (4096 x 4096 by default), in one process:
 For comparison (no target) it also times the lesson's one-pass ``quantize_4bit`` / ``dequantize_4bit``
 (the functions a learner writes in exercise 2) against the same bitsandbytes calls without double
 quantization: the gap between those rows and the first two is what ``qlora_edu/fast4bit.py`` buys.
+The timing is ``qlora_edu.benchmarking.interleaved_medians``, the same as chapter 3's timing cell.
 
 Each pair runs interleaved (ours, theirs, ours, theirs, ...) after a warm-up, so that a noisy neighbour
 slows both alike; the table shows the medians and ratio = ours / bitsandbytes. Targets: quantize ratio
@@ -23,12 +24,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import statistics
 import sys
-import time
 
 import torch
 
+from qlora_edu.benchmarking import interleaved_medians
 from qlora_edu.nf4 import nf4_code
 from qlora_edu.nf4_tensor import dequantize_nf4, quantize_nf4
 from qlora_edu.quant4bit import dequantize_4bit, quantize_4bit
@@ -44,17 +44,8 @@ def _bnb_functional():
     return bnbf
 
 
-def _interleaved(ours, theirs, repeats: int, warmup: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        ours()
-        theirs()
-    t_ours, t_theirs = [], []
-    for _ in range(repeats):
-        for fn, times in ((ours, t_ours), (theirs, t_theirs)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(t_ours), statistics.median(t_theirs)
+def _timed(ours, theirs, repeats: int, warmup: int) -> tuple[float, float]:
+    return interleaved_medians(ours, theirs, repeats=repeats, warmup=warmup)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,19 +71,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     rows = []
-    q_ours, q_bnb = _interleaved(lambda: quantize_nf4(x, double_quant=True),
+    q_ours, q_bnb = _timed(lambda: quantize_nf4(x, double_quant=True),
                                  lambda: bnbf.quantize_4bit(x, quant_type="nf4", compress_statistics=True),
                                  args.repeats, args.warmup)
     rows.append(("quantize", q_ours, q_bnb))
-    d_ours, d_bnb = _interleaved(lambda: dequantize_nf4(ours_t), lambda: bnbf.dequantize_4bit(packed, state),
+    d_ours, d_bnb = _timed(lambda: dequantize_nf4(ours_t), lambda: bnbf.dequantize_4bit(packed, state),
                                  args.repeats, args.warmup)
     rows.append(("dequantize", d_ours, d_bnb))
 
     # the lesson's one-pass functions, without double quantization on either side (no target)
     code, plain_packed, plain_state = nf4_code(), *bnbf.quantize_4bit(x, quant_type="nf4")
-    rows.append(("one-pass quantize_4bit", *_interleaved(
+    rows.append(("one-pass quantize_4bit", *_timed(
         lambda: quantize_4bit(x, code), lambda: bnbf.quantize_4bit(x, quant_type="nf4"), args.repeats, args.warmup)))
-    rows.append(("one-pass dequantize_4bit", *_interleaved(
+    rows.append(("one-pass dequantize_4bit", *_timed(
         lambda: dequantize_4bit(plain_packed, plain_state.absmax, code, x.shape, dtype=torch.bfloat16),
         lambda: bnbf.dequantize_4bit(plain_packed, plain_state), args.repeats, args.warmup)))
 

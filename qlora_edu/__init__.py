@@ -1,78 +1,81 @@
 """qlora_edu: the companion package of the QLoRA course.
 
 Every function a learner writes in the exercises lives here, under the same name, and is checked by
-the same test battery (``qlora_edu.checks``) against bitsandbytes, peft and torch.
+the same test battery (:mod:`qlora_edu.checks`) against bitsandbytes, peft and torch.
 
-Chapter by chapter:
+One concept a module; the chapter that teaches it in brackets:
 
-* 1  absmax block quantization ........ :mod:`qlora_edu.absmax`
-* 2  the NF4 data type ................ :mod:`qlora_edu.nf4`, :mod:`qlora_edu.packing`, :mod:`qlora_edu.quant4bit`
-* 3  double quantization .............. :mod:`qlora_edu.double_quant`, :mod:`qlora_edu.nf4_tensor`
+* :mod:`~qlora_edu.absmax` (1) absmax block quantization to signed integers
+* :mod:`~qlora_edu.nf4` (2) the NF4, FP4 and Int4 code tables; :mod:`~qlora_edu.packing` two codes a byte;
+  :mod:`~qlora_edu.quant4bit` blockwise 4-bit quantization; :mod:`~qlora_edu.fast4bit` the same, fast, per device
+* :mod:`~qlora_edu.double_quant` (3) quantizing the constants; :mod:`~qlora_edu.nf4_tensor` a weight as QLoRA
+  stores it; :mod:`~qlora_edu.storage` bits per parameter and gigabytes
+* :mod:`~qlora_edu.memory` (4), :mod:`~qlora_edu.optim` and :mod:`~qlora_edu.paging` (5),
+  :mod:`~qlora_edu.lora` (6), :mod:`~qlora_edu.qlora` (7), :mod:`~qlora_edu.finetune` (8), as they are written
 
-and around them: :mod:`qlora_edu.base_model` (the offline SmolLM2-135M base model),
-:mod:`qlora_edu.device` (which device and dtype a notebook runs on), :mod:`qlora_edu.checks`.
-Importing the package loads torch and nothing from the network.
+and around them: :mod:`~qlora_edu.base_model` (the offline SmolLM2-135M base model), :mod:`~qlora_edu.device`
+(which device and dtype a notebook runs on), :mod:`~qlora_edu.settings` (the environment variables, read in one
+place), :mod:`~qlora_edu.validation` (argument checks), :mod:`~qlora_edu.checks` (the test battery).
+
+``from qlora_edu import quantize_nf4`` works for every public name of every module: each module lists its
+public names in ``__all__``, and the package imports a module the first time one of its names is asked for.
+So ``import qlora_edu`` itself loads nothing but this file (no torch, no transformers, no test tooling), and a
+new chapter's module needs no line here.
 """
 
-from qlora_edu.absmax import absmax_dequantize, absmax_quantize
-from qlora_edu.base_model import base_model_info, load_base_model
-from qlora_edu.checks import check
-from qlora_edu.device import Compute, gpu_available, pick_compute, skip_reason_no_gpu
-from qlora_edu.double_quant import (
-    double_dequantize,
-    double_quantize,
-    dynamic_map,
-    grid_lookup_table,
-    rounding_mismatch_rate,
-)
-from qlora_edu.nf4 import fp4_code, int4_code, nf4_code
-from qlora_edu.nf4_tensor import NF4Tensor, dequantize_nf4, quantize_nf4
-from qlora_edu.packing import pack_4bit, unpack_4bit
-from qlora_edu.perplexity import perplexity, reference_text, replace_linear_weights
-from qlora_edu.quant4bit import dequantize_4bit, quantize_4bit
-from qlora_edu.storage import (
-    LLAMA_SHAPES,
-    bits_per_param,
-    double_quant_savings_bytes,
-    quantized_bytes,
-    quantized_linear_params,
-    total_params,
-)
+from __future__ import annotations
+
+import ast
+import importlib
+from functools import cache
+from pathlib import Path
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "absmax_quantize",
-    "absmax_dequantize",
-    "check",
-    "nf4_code",
-    "fp4_code",
-    "int4_code",
-    "pack_4bit",
-    "unpack_4bit",
-    "quantize_4bit",
-    "dequantize_4bit",
-    "NF4Tensor",
-    "quantize_nf4",
-    "dequantize_nf4",
-    "dynamic_map",
-    "double_quantize",
-    "double_dequantize",
-    "grid_lookup_table",
-    "rounding_mismatch_rate",
-    "LLAMA_SHAPES",
-    "quantized_linear_params",
-    "total_params",
-    "bits_per_param",
-    "double_quant_savings_bytes",
-    "quantized_bytes",
-    "load_base_model",
-    "base_model_info",
-    "Compute",
-    "pick_compute",
-    "gpu_available",
-    "skip_reason_no_gpu",
-    "perplexity",
-    "reference_text",
-    "replace_linear_weights",
-]
+_HERE = Path(__file__).resolve().parent
+
+
+@cache
+def _public_names() -> dict[str, str]:
+    """``{name: module}`` for every name in the ``__all__`` of a top-level module of the package.
+
+    Read from the source files with :mod:`ast` rather than by importing them: importing ``base_model`` alone
+    loads transformers (seconds), and a learner asking for ``absmax_quantize`` should not pay for that.
+    """
+    index: dict[str, str] = {}
+    for path in sorted(_HERE.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        module = f"{__name__}.{path.stem}"
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+                for name in ast.literal_eval(node.value):
+                    if name in index:
+                        raise ImportError(f"{name!r} is exported by both {index[name]} and {module}")
+                    index[name] = module
+    return index
+
+
+def __getattr__(name: str):
+    module = _public_names().get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_public_names()})
+
+
+def check(*functions, verbose: bool = True, raise_on_failure: bool = True) -> bool:
+    """Run the course's test battery against the functions you wrote: ``check(absmax_quantize)``.
+
+    Prints a report (one line a case, the first failure in full with a hint) and returns True when every case
+    passed; raises :class:`qlora_edu.checks.ChecksFailed` after the report when one failed, unless
+    ``raise_on_failure`` is False. See :func:`qlora_edu.checks.check`.
+    """
+    from qlora_edu.checks import check as run_check
+
+    return run_check(*functions, verbose=verbose, raise_on_failure=raise_on_failure)

@@ -22,7 +22,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qlora_edu.validation import check_float_tensor, check_int, check_tensor, n_blocks
+from qlora_edu.validation import n_blocks
+from qlora_edu.validation.absmax import check_absmax_dequantize_args, check_absmax_quantize_args
+
+__all__ = ["absmax_quantize", "absmax_dequantize"]
 
 
 def absmax_quantize(x: torch.Tensor, bits: int = 4, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +41,7 @@ def absmax_quantize(x: torch.Tensor, bits: int = 4, blocksize: int = 64) -> tupl
         ``(codes, scales)``: int8 codes with ``x``'s shape, float32 scales of shape
         ``(ceil(x.numel() / blocksize),)``. An all-zero block gets scale 0 and codes 0.
     """
-    check_float_tensor("x", x)
-    check_int("bits", bits, low=2, high=8)
-    check_int("blocksize", blocksize, low=1)
+    check_absmax_quantize_args(x, bits, blocksize)
     qmax = 2 ** (bits - 1) - 1
     n = x.numel()
     # BEGIN SOLUTION
@@ -62,26 +63,18 @@ def absmax_dequantize(codes: torch.Tensor, scales: torch.Tensor, blocksize: int 
 
     Args:
         codes: int8 tensor, any shape (``n`` elements).
-        scales: float32 tensor of shape ``(ceil(n / blocksize),)``.
+        scales: float32 tensor of shape ``(ceil(n / blocksize),)``, on ``codes``' device.
         blocksize: the block size used to quantize.
 
     Returns:
         float32 tensor with ``codes``' shape.
     """
-    check_tensor("codes", codes)
-    if codes.dtype != torch.int8:
-        raise TypeError(f"codes must be an int8 tensor, got dtype {codes.dtype}")
-    check_float_tensor("scales", scales)
-    check_int("blocksize", blocksize, low=1)
-    expected = (n_blocks(codes.numel(), blocksize),)
-    if tuple(scales.shape) != expected:
-        raise ValueError(f"scales must have shape {expected} for {codes.numel()} codes at blocksize "
-                         f"{blocksize}, got {tuple(scales.shape)}")
+    check_absmax_dequantize_args(codes, scales, blocksize)
     n = codes.numel()
     # BEGIN SOLUTION
     # Hint: give every element the scale of its block: scales.repeat_interleave(blocksize)[:n];
     # Hint: end with `deq`, the n float32 values in flat order.
-    per_element = scales.float().repeat_interleave(blocksize)[:n]
+    per_element = scales.repeat_interleave(blocksize)[:n]
     deq = codes.flatten().float() * per_element
     # END SOLUTION
     return deq.view(codes.shape)

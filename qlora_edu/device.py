@@ -22,13 +22,15 @@ notebook: ``QLORA_EDU_DEVICE`` (``cpu`` or ``cuda``) and ``QLORA_EDU_DTYPE`` (``
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-DEVICE_ENV = "QLORA_EDU_DEVICE"
-DTYPE_ENV = "QLORA_EDU_DTYPE"
+from qlora_edu import settings
+from qlora_edu.settings import DEVICE_ENV, DTYPE_ENV
+
+__all__ = ["Compute", "pick_compute", "gpu_available", "skip_reason_no_gpu", "cpu_has_native_bf16"]
+
 DEVICES = ("cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,7 +84,7 @@ def cpu_has_native_bf16() -> bool:
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
-def _setting(name: str, arg: str | None, env: str, allowed) -> tuple[str | None, str]:
+def _setting(name: str, arg: str | None, env: str, env_value: str | None, allowed) -> tuple[str | None, str]:
     """The argument if given, else the environment variable if set (non-empty), else None.
 
     Returns ``(value, source)`` where source names where the value came from, for messages.
@@ -90,7 +92,7 @@ def _setting(name: str, arg: str | None, env: str, allowed) -> tuple[str | None,
     if arg is not None:
         value, source = arg, f"argument {name}"
     else:
-        value, source = os.environ.get(env, "").strip() or None, f"environment variable {env}"
+        value, source = env_value, f"environment variable {env}"
     if value is None:
         return None, source
     if not isinstance(value, str) or value.lower() not in allowed:
@@ -120,8 +122,8 @@ def pick_compute(prefer: str | None = None, dtype: str | None = None) -> Compute
         ValueError: an argument or environment variable holds a value outside the allowed ones.
         RuntimeError: cuda was asked for but torch sees no CUDA device.
     """
-    device_name, device_source = _setting("prefer", prefer, DEVICE_ENV, DEVICES)
-    dtype_name, dtype_source = _setting("dtype", dtype, DTYPE_ENV, tuple(DTYPES))
+    device_name, device_source = _setting("prefer", prefer, DEVICE_ENV, settings.device_override(), DEVICES)
+    dtype_name, dtype_source = _setting("dtype", dtype, DTYPE_ENV, settings.dtype_override(), tuple(DTYPES))
 
     if device_name == "cuda" and not gpu_available():
         raise RuntimeError(f"{device_source} asks for cuda, but torch.cuda.is_available() is False "

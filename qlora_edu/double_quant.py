@@ -54,9 +54,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qlora_edu.validation import check_dtype, check_float_tensor, check_power_of_two, check_tensor, n_blocks
+from qlora_edu.validation import n_blocks
+from qlora_edu.validation.double_quant import (
+    ROUNDINGS,
+    check_double_dequantize_args,
+    check_double_quantize_args,
+    check_dynamic_map_args,
+    check_grid_lookup_table_args,
+    check_rounding_mismatch_rate_args,
+)
 
-ROUNDINGS = ("grid", "nearest")
+__all__ = ["dynamic_map", "grid_lookup_table", "double_quantize", "double_dequantize", "rounding_mismatch_rate",
+           "ROUNDINGS", "GRID_POINTS"]
 #: Number of points of bitsandbytes' CPU rounding grid over [-1, 1].
 GRID_POINTS = 65536
 
@@ -71,8 +80,7 @@ def dynamic_map(signed: bool = True) -> torch.Tensor:
     Returns:
         float32 tensor of shape ``(256,)``, sorted ascending.
     """
-    if not isinstance(signed, bool):
-        raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
+    check_dynamic_map_args(signed)
     # BEGIN SOLUTION
     # Hint: for each fraction width i = 0..6 (decimal exponent E = 6 - i): count = 2**i (signed) or
     # Hint: 2**(i+1) (unsigned) midpoints of torch.linspace(0.1, 1, count + 1) (float32), times
@@ -96,28 +104,19 @@ def grid_lookup_table(code: torch.Tensor) -> torch.Tensor:
     of ``code`` (sorted, float32) nearest to the grid value ``g * 2/65535 - 1`` (a tie goes to the lower).
 
     Returns:
-        int32 tensor of shape ``(65536,)``. For the signed dynamic map only 249 of the 256 codes occur:
-        no grid point lies at 0 (the points nearest it are +-1/65535), so the 7 codes with ``|v| < 1e-5``,
+        int32 tensor of shape ``(65536,)``, on ``code``'s device. For the signed dynamic map only 249 of the 256
+        codes occur: no grid point lies at 0 (the points nearest it are +-1/65535), so the 7 codes with ``|v| < 1e-5``,
         0.0 included, are never chosen.
     """
-    check_dtype("code", code, torch.float32)
-    if code.dim() != 1 or code.numel() < 2 or not bool((code[1:] >= code[:-1]).all()):
-        raise ValueError("code must be a sorted 1-D table of at least 2 values")
+    check_grid_lookup_table_args(code)
     # BEGIN SOLUTION
-    # Hint: grid values = torch.arange(65536, dtype=torch.float32) * (2 / 65535) - 1 (float32), then
+    # Hint: grid values = torch.arange(65536, dtype=torch.float32, device=code.device) * (2 / 65535) - 1, then
     # Hint: torch.bucketize on the midpoints of neighbouring codes (right=False: ties go down), int32.
     midpoints = (code[:-1] + code[1:]) / 2
-    grid_values = torch.arange(GRID_POINTS, dtype=torch.float32) * (2 / (GRID_POINTS - 1)) - 1
+    grid_values = torch.arange(GRID_POINTS, dtype=torch.float32, device=code.device) * (2 / (GRID_POINTS - 1)) - 1
     table = torch.bucketize(grid_values, midpoints, out_int32=True)
     # END SOLUTION
     return table
-
-
-def check_rounding(rounding: object) -> str:
-    """``rounding`` must be ``"grid"`` or ``"nearest"``."""
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    return rounding
 
 
 def double_quantize(absmax: torch.Tensor, blocksize: int = 256,
@@ -125,7 +124,8 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256,
     """Quantize the first-level constants ``absmax`` to 8 bits (QLoRA's double quantization).
 
     Args:
-        absmax: float tensor of ``m`` first-level constants (any shape, taken flat; converted to float32).
+        absmax: float tensor of ``m`` non-negative first-level constants (any shape, taken flat; converted to
+            float32). Everything is computed on its device.
         blocksize: constants per second-level block (power of two, 32..4096; bitsandbytes uses 256).
         rounding: ``"grid"`` reproduces bitsandbytes' CPU bytes (65536-point grid snap); ``"nearest"``
             picks the exactly nearest code (ties to the lower one).
@@ -137,9 +137,7 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256,
         CPU kernel computes 0 * (1/0) = NaN, which lands on grid point 0) and the code of 0.0 (127) with
         ``"nearest"``; both read back as ``offset``.
     """
-    check_float_tensor("absmax", absmax)
-    check_power_of_two("blocksize", blocksize, low=32, high=4096)
-    check_rounding(rounding)
+    check_double_quantize_args(absmax, blocksize, rounding)
     # BEGIN SOLUTION
     # Hint: offset = absmax.float().mean(); centre, pad with zeros to whole blocks, view (-1, blocksize);
     # Hint: absmax2 = row max of |.|; scaled = centred * (1 / absmax2)[:, None] (a reciprocal, like
@@ -156,9 +154,9 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256,
     if rounding == "grid":
         # Snap to the 65536-point grid in float32 steps, as the C++ kernel does; NaN goes to grid point 0.
         grid = ((scaled + 1) * 0.5 * (GRID_POINTS - 1) + 0.5).nan_to_num_(0.0).clamp_(0, GRID_POINTS - 1)
-        codes = grid_lookup_table(dynamic_map(True))[grid.to(torch.int64)]
+        codes = grid_lookup_table(dynamic_map(True).to(flat.device))[grid.to(torch.int64)]
     else:
-        code = dynamic_map(True)
+        code = dynamic_map(True).to(flat.device)
         midpoints = (code[:-1] + code[1:]) / 2
         codes = torch.bucketize(scaled.nan_to_num_(0.0), midpoints, out_int32=True)
     codes = codes.flatten()[:m].to(torch.uint8)
@@ -181,31 +179,12 @@ def double_dequantize(codes: torch.Tensor, offset: torch.Tensor | float, absmax2
         map times ``absmax2`` (the widest step is 0.9/64, in the top decade: at most 0.7% of ``absmax2``),
         plus one grid cell (2/65535) with ``rounding="grid"``.
     """
-    check_dtype("codes", codes, torch.uint8)
-    if codes.numel() == 0:
-        raise ValueError("codes must not be empty")
-    if isinstance(offset, torch.Tensor):
-        check_float_tensor("offset", offset)
-        if offset.numel() != 1:
-            raise ValueError(f"offset must be a single number, got shape {tuple(offset.shape)}")
-        offset = offset.detach().reshape(()).float()
-    elif isinstance(offset, (int, float)) and not isinstance(offset, bool):
-        offset = torch.tensor(float(offset), dtype=torch.float32)
-        check_float_tensor("offset", offset)
-    else:
-        raise TypeError(f"offset must be a float or a 0-d float tensor, got {type(offset).__name__}")
-    check_float_tensor("absmax2", absmax2)
-    check_dtype("absmax2", absmax2, torch.float32)
-    check_power_of_two("blocksize", blocksize, low=32, high=4096)
+    offset = check_double_dequantize_args(codes, offset, absmax2, blocksize)  # as a float32 0-d tensor
     m = codes.numel()
-    expected = (n_blocks(m, blocksize),)
-    if tuple(absmax2.shape) != expected:
-        raise ValueError(f"absmax2 must have shape {expected} for {m} codes at blocksize {blocksize}, "
-                         f"got {tuple(absmax2.shape)}")
     # BEGIN SOLUTION
     # Hint: look the codes up in dynamic_map(True) (index with codes.long()), pad to whole blocks,
     # Hint: multiply each row by its absmax2, flatten, keep m values, then add the offset (two float32 steps).
-    values = dynamic_map(True)[codes.flatten().long()]
+    values = dynamic_map(True).to(codes.device)[codes.flatten().long()]
     blocks = F.pad(values, (0, n_blocks(m, blocksize) * blocksize - m)).view(-1, blocksize)
     absmax = (blocks * absmax2[:, None]).flatten()[:m] + offset
     # END SOLUTION
@@ -219,7 +198,7 @@ def rounding_mismatch_rate(absmax: torch.Tensor, blocksize: int = 256) -> float:
     chapter 3): the CPU grid snap is a tiny, rare rounding error, but it is the difference between
     matching bitsandbytes' bytes and not.
     """
-    check_tensor("absmax", absmax)
+    check_rounding_mismatch_rate_args(absmax, blocksize)
     grid, _, _ = double_quantize(absmax, blocksize, rounding="grid")
     nearest, _, _ = double_quantize(absmax, blocksize, rounding="nearest")
     return float((grid != nearest).float().mean())

@@ -53,6 +53,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["nf4_code", "fp4_code", "int4_code", "NF4_OFFSET"]
+
 #: The outermost probability of the NF4 construction (see the module docstring).
 NF4_OFFSET = 0.9677083
 

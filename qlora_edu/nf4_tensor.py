@@ -8,8 +8,9 @@
     absmax --double_quantize(256)----------> 8-bit codes + offset (the mean) + absmax2 (one per 256)
 
 (:mod:`qlora_edu.quant4bit`, :mod:`qlora_edu.double_quant`). The 4-bit steps run through
-:mod:`qlora_edu.fast4bit`: the same bytes, in slices on every core, because the from-scratch QLoRA layer
-dequantizes every weight in every forward and backward pass.
+:mod:`qlora_edu.fast4bit` (the same bytes, faster, on the weight's own device), because the from-scratch QLoRA
+layer dequantizes every weight in every forward and backward pass. All tensors of an :class:`NF4Tensor` live
+on the device of the weight it was made from.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from qlora_edu.double_quant import check_rounding, double_dequantize, double_quantize
+from qlora_edu.double_quant import double_dequantize, double_quantize
 from qlora_edu.fast4bit import dequantize_4bit_fast, quantize_4bit_fast
 from qlora_edu.nf4 import nf4_code
-from qlora_edu.validation import check_power_of_two
+from qlora_edu.validation.double_quant import check_dequantize_nf4_args, check_quantize_nf4_args
+
+__all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +58,10 @@ class NF4Tensor:
     blocksize2: int = 256
 
     @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -82,22 +89,18 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     compress_statistics=double_quant)``: the packed bytes, and ``absmax`` / ``offset`` / ``state2.absmax``
     (with ``rounding="grid"``; ``"nearest"`` differs on ~0.2% of the constants' codes).
     """
-    if not isinstance(double_quant, bool):
-        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
-    check_rounding(rounding)
-    check_power_of_two("blocksize2", blocksize2, low=32, high=4096)
+    check_quantize_nf4_args(x, blocksize, double_quant, rounding, blocksize2)
     packed, absmax = quantize_4bit_fast(x, nf4_code(), blocksize)
     if not double_quant:
         return NF4Tensor(packed, absmax, x.shape, x.dtype, blocksize)
-    # Not inside serial_torch(): the float32 mean of the constants depends on how many threads sum it,
-    # and bitsandbytes takes it with the caller's threads. Same threads, same last bit, same codes.
+    # The float32 mean of the constants can depend on how many threads sum it; bitsandbytes takes it with the
+    # caller's threads, and so do we: same threads, same last bit, same codes.
     codes, offset, absmax2 = double_quantize(absmax, blocksize2, rounding)
     return NF4Tensor(packed, codes, x.shape, x.dtype, blocksize, True, offset, absmax2, blocksize2)
 
 
 def dequantize_nf4(t: NF4Tensor) -> torch.Tensor:
     """The weight back from an :class:`NF4Tensor`, in its original shape and dtype."""
-    if not isinstance(t, NF4Tensor):
-        raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
+    check_dequantize_nf4_args(t)
     absmax = double_dequantize(t.absmax, t.offset, t.absmax2, t.blocksize2) if t.double_quant else t.absmax
     return dequantize_4bit_fast(t.packed, absmax, nf4_code(), t.shape, t.blocksize, t.dtype)

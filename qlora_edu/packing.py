@@ -19,7 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qlora_edu.validation import check_dtype, check_int
+from qlora_edu.validation.quant4bit import check_pack_4bit_args, check_unpack_4bit_args
+
+__all__ = ["pack_4bit", "unpack_4bit"]
 
 
 def pack_4bit(codes: torch.Tensor, pad: int = 0) -> torch.Tensor:
@@ -33,12 +35,7 @@ def pack_4bit(codes: torch.Tensor, pad: int = 0) -> torch.Tensor:
     Returns:
         uint8 tensor of shape ``(ceil(n / 2),)``.
     """
-    check_dtype("codes", codes, torch.uint8)
-    check_int("pad", pad, low=0, high=15)
-    if codes.numel() == 0:
-        raise ValueError("codes must not be empty")
-    if int(codes.max()) > 15:
-        raise ValueError(f"codes must hold 4-bit values 0..15, got a maximum of {int(codes.max())}")
+    check_pack_4bit_args(codes, pad)
     # BEGIN SOLUTION
     # Hint: flatten; if the count is odd append `pad`; then (even << 4) | odd with codes[0::2], codes[1::2].
     flat = codes.flatten()
@@ -60,11 +57,7 @@ def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
     Returns:
         uint8 tensor of shape ``(numel,)`` with values in ``0..15``.
     """
-    check_dtype("packed", packed, torch.uint8)
-    check_int("numel", numel, low=1)
-    if packed.numel() != -(-numel // 2):
-        raise ValueError(f"packed must hold ceil(numel / 2) = {-(-numel // 2)} bytes for numel={numel}, "
-                         f"got {packed.numel()}")
+    check_unpack_4bit_args(packed, numel)
     # BEGIN SOLUTION
     # Hint: high nibble = byte >> 4, low nibble = byte & 0x0F; interleave them with torch.stack(..., dim=1)
     # Hint: and flatten, then keep the first numel codes.

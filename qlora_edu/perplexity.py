@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from qlora_edu.validation import check_int
 
+__all__ = ["perplexity", "reference_text", "replace_linear_weights"]
+
 
 def reference_text() -> str:
     """English text that ships with Python: the values of ``pydoc_data.topics.topics``, sorted by key.

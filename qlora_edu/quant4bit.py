@@ -25,9 +25,10 @@ Details that decide bytes (bitsandbytes 0.50.2 on CPU; we reproduce them exactly
 * an odd number of elements is padded with the code of 0.0 (NF4: 7) in the last low nibble;
 * ``packed`` has shape ``(ceil(n / 2), 1)``, uint8, as bitsandbytes returns it.
 
-The two functions here are the lesson: one vectorized pass over the whole tensor each. The package runs
-the same computation in cache-sized slices on every core for speed (:mod:`qlora_edu.fast4bit`), and
-:mod:`qlora_edu.nf4_tensor` stores a weight the way QLoRA does (NF4 plus double quantization).
+The two functions here are the lesson: one vectorized pass over the whole tensor each, on whatever device the
+tensor lives (CPU or CUDA; the code table is moved there). :mod:`qlora_edu.fast4bit` runs the same computation
+faster, per device, and :mod:`qlora_edu.nf4_tensor` stores a weight the way QLoRA does (NF4 plus double
+quantization) with it.
 """
 
 from __future__ import annotations
@@ -38,54 +39,16 @@ from collections.abc import Sequence
 import torch
 
 from qlora_edu.packing import pack_4bit, unpack_4bit
-from qlora_edu.validation import (
-    FLOAT_DTYPES,
-    all_finite,
-    check_dtype,
-    check_float_tensor,
-    check_power_of_two,
-    check_tensor,
-    n_blocks,
+from qlora_edu.validation.quant4bit import (
+    check_dequantize_4bit_args,
+    check_finite_absmax,
+    check_quantize_4bit_args,
 )
+
+__all__ = ["quantize_4bit", "dequantize_4bit", "MIN_ABSMAX"]
 
 #: bitsandbytes' guard against dividing by a zero absmax (a float32 subnormal, ~1e-38).
 MIN_ABSMAX = 1e-38
-BLOCKSIZE_RANGE = (32, 4096)
-
-
-def check_code(code: object) -> torch.Tensor:
-    """``code`` must be a finite float32 table of 16 values that contains 0.0."""
-    check_tensor("code", code)
-    if code.dtype != torch.float32:
-        raise TypeError(f"code must be a float32 tensor, got dtype {code.dtype}")
-    if tuple(code.shape) != (16,):
-        raise ValueError(f"code must have shape (16,) (one value per 4-bit code), got {tuple(code.shape)}")
-    if not bool(torch.isfinite(code).all()):
-        raise ValueError("code must be finite")
-    if not bool((code == 0).any()):
-        raise ValueError("code must contain 0.0 (zero blocks and the padding use the code of 0.0)")
-    return code
-
-
-def check_blocksize(blocksize: object) -> int:
-    """``blocksize`` must be a power of two in 32..4096 (what the 4-bit kernels accept)."""
-    return check_power_of_two("blocksize", blocksize, low=BLOCKSIZE_RANGE[0], high=BLOCKSIZE_RANGE[1])
-
-
-def check_shape(shape: object) -> torch.Size:
-    """``shape`` must be a tuple (or torch.Size) of non-negative ints describing >= 1 element."""
-    if isinstance(shape, torch.Size):
-        dims = tuple(shape)
-    elif isinstance(shape, Sequence) and not isinstance(shape, str):
-        dims = tuple(shape)
-    else:
-        raise TypeError(f"shape must be a tuple of ints (e.g. x.shape), got {type(shape).__name__}")
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
-            raise ValueError(f"shape must hold non-negative ints, got {dims}")
-    if math.prod(dims) == 0:
-        raise ValueError(f"shape must describe at least one element, got {dims}")
-    return torch.Size(dims)
 
 
 def quantize_4bit(x: torch.Tensor, code: torch.Tensor,
@@ -104,9 +67,7 @@ def quantize_4bit(x: torch.Tensor, code: torch.Tensor,
     Returns:
         ``(packed, absmax)``: uint8 ``(ceil(n / 2), 1)`` and float32 ``(ceil(n / blocksize),)``.
     """
-    check_float_tensor("x", x, finite=False)  # finiteness is checked on the block maxima below
-    check_code(code)
-    check_blocksize(blocksize)
+    check_quantize_4bit_args(x, code, blocksize)
     # BEGIN SOLUTION
     # Hint: flat = x as a flat float32 tensor; full blocks: view flat[:full] as (n_full, blocksize),
     # Hint: absmax = row max of |x|, scaled = blocks * (1 / absmax.clamp(min=1e-38))[:, None]; the partial
@@ -116,11 +77,12 @@ def quantize_4bit(x: torch.Tensor, code: torch.Tensor,
     # Hint: order. Pack with pack_4bit, padding an odd count with the code of 0.0.
     # Hint: End with `packed` (uint8, ceil(n / 2) bytes) and `absmax` (float32): the lines below use them.
     flat = x.detach().reshape(-1).float()  # bf16/fp16 convert exactly; fp64 is rounded, as bitsandbytes does
+    code = code.to(flat.device)  # everything below runs where x lives, CPU or CUDA
     n = flat.numel()
     n_full = n // blocksize
     full = n_full * blocksize
-    absmax = torch.empty(n_blocks(n, blocksize), dtype=torch.float32)
-    scaled = torch.empty(n, dtype=torch.float32)
+    absmax = flat.new_empty(math.ceil(n / blocksize))
+    scaled = torch.empty_like(flat)
 
     blocks = flat[:full].view(n_full, blocksize)  # the full blocks: scaled by the reciprocal of absmax
     absmax[:n_full] = blocks.abs().amax(dim=1)
@@ -135,34 +97,11 @@ def quantize_4bit(x: torch.Tensor, code: torch.Tensor,
     sorted_code, order = code.sort(stable=True)
     midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
     codes = order[torch.bucketize(scaled, midpoints)].to(torch.uint8)
-    zero_code = int(order[torch.bucketize(torch.zeros(()), midpoints)])  # the code of 0.0 pads an odd count
+    zero_code = int(order[torch.bucketize(flat.new_zeros(()), midpoints)])  # the code of 0.0 pads an odd count
     packed = pack_4bit(codes, pad=zero_code)
     # END SOLUTION
-    if not all_finite(absmax):  # a NaN or inf anywhere in x makes its block's max NaN/inf
-        n_bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"x must be finite: it holds {n_bad} NaN or inf value(s)")
+    check_finite_absmax(x, absmax)  # a NaN or inf anywhere in x makes its block's absmax NaN or inf
     return packed.view(-1, 1), absmax
-
-
-def check_dequantize_args(packed: object, absmax: object, code: object, shape: object, blocksize: object,
-                          dtype: object) -> torch.Size:
-    """The argument checks of :func:`dequantize_4bit`; returns ``shape`` as a ``torch.Size``."""
-    check_dtype("packed", packed, torch.uint8)
-    check_float_tensor("absmax", absmax)
-    check_dtype("absmax", absmax, torch.float32)
-    check_code(code)
-    shape = check_shape(shape)
-    check_blocksize(blocksize)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
-    n = math.prod(shape)
-    if packed.numel() != math.ceil(n / 2):
-        raise ValueError(f"packed must hold ceil(n / 2) = {math.ceil(n / 2)} bytes for shape {tuple(shape)}, "
-                         f"got {packed.numel()}")
-    if tuple(absmax.shape) != (n_blocks(n, blocksize),):
-        raise ValueError(f"absmax must have shape ({n_blocks(n, blocksize)},) for {n} elements at blocksize "
-                         f"{blocksize}, got {tuple(absmax.shape)}")
-    return shape
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: Sequence[int],
@@ -175,7 +114,7 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
 
     Args:
         packed: uint8 tensor of ``ceil(n / 2)`` bytes (any shape, e.g. ``(ceil(n/2), 1)``).
-        absmax: float32 tensor of shape ``(ceil(n / blocksize),)``.
+        absmax: float32 tensor of shape ``(ceil(n / blocksize),)``, on ``packed``'s device.
         code: the float32 table of 16 values used to quantize.
         shape: the original shape (``n`` = product of its dimensions).
         blocksize: the block size used to quantize (power of two, 32..4096).
@@ -184,12 +123,13 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     Returns:
         tensor of ``shape`` and ``dtype``.
     """
-    shape = check_dequantize_args(packed, absmax, code, shape, blocksize, dtype)
+    shape = check_dequantize_4bit_args(packed, absmax, code, shape, blocksize, dtype)
     n = math.prod(shape)
     # BEGIN SOLUTION
     # Hint: unpack the n codes (unpack_4bit), look up their values (code[q.long()]), multiply each by its
     # Hint: block's absmax (absmax.repeat_interleave(blocksize)[:n] lines them up) in float32, cast to dtype.
     # Hint: End with `out`, the n values in `dtype` (flat is fine): the line below reshapes it.
+    code = code.to(packed.device)
     q = unpack_4bit(packed, n).long()
     scale = absmax.detach().repeat_interleave(blocksize)[:n]  # element i belongs to block i // blocksize
     out = (code[q] * scale).to(dtype)  # the float32 product, rounded once to dtype

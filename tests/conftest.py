@@ -1,14 +1,29 @@
-"""Shared fixtures: which implementations the battery runs against."""
+"""Shared fixtures and markers.
+
+* ``@pytest.mark.gpu``: the test needs a CUDA device; without one it is skipped, and the skip says why.
+* ``@pytest.mark.slow``: the test loads the real base model (seconds to a minute on two CPU cores).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
 EXERCISES = sorted((ROOT / "exercises").glob("*.ipynb"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    reason = (f"no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}); "
+              "this test needs a GPU (run `make test-gpu` on a machine with one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,17 @@
-"""The exercise mechanism: generated notebooks are fresh, the battery fails on untouched stubs and
-passes on solutions, and it catches plausible mistakes a learner makes."""
+"""The exercise mechanism, for every chapter at once: generated notebooks are fresh, the battery fails on untouched
+stubs and passes on solutions, and the chapter stems agree everywhere. (Each chapter's own cases and known
+mistakes are tested in tests/test_NN_chapter.py.)"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import notebook_builder
 import pytest
-import torch
 
 from conftest import EXERCISES, ROOT, SOLUTIONS
-from qlora_edu import notebook_builder
-from qlora_edu.checks import CheckFailure, cases, cases_using, check, overlay, run_cases
+from qlora_edu.checks import CheckFailure, cases, cases_using, chapters, overlay, run_cases
 from qlora_edu.checks.notebooks import notebook_functions
 
 
@@ -69,69 +69,35 @@ def test_unbalanced_markers_are_an_error():
         notebook_builder.exercise_version("def f():\n    # BEGIN SOLUTION\n    return 1\n")
 
 
-# --- the battery catches plausible mistakes (mutation tests) -------------------------------------
-
-
-def _buggy_floor(x, bits=4, blocksize=64):
-    codes, scales = qlora_edu_absmax(x, bits, blocksize)
-    flat = x.flatten().float()
-    per = scales.repeat_interleave(blocksize)[: flat.numel()]
-    safe = torch.where(per == 0, torch.ones_like(per), per)
-    return torch.floor(flat / safe).clamp(-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1).to(torch.int8).view(
-        x.shape), scales
-
-
-def _buggy_scale8(x, bits=4, blocksize=64):
-    codes, scales = qlora_edu_absmax(x, bits, blocksize)
-    return codes, scales * 7 / 8
-
-
-def _buggy_rows(x, bits=4, blocksize=64):
-    """Blocks per row instead of over the flattened tensor (wrong when rows are not multiples)."""
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
-    out = [qlora_edu_absmax(r.contiguous(), bits, blocksize) for r in rows]
-    return torch.cat([c.flatten() for c, _ in out]).view(x.shape), torch.cat([s for _, s in out])
-
-
-def _buggy_nan_on_zero(x, bits=4, blocksize=64):
-    codes, scales = qlora_edu_absmax(x, bits, blocksize)
-    if bool((scales == 0).any()):
-        raise ZeroDivisionError("0/0")
-    return codes, scales
-
-
-def qlora_edu_absmax(x, bits, blocksize):
-    import qlora_edu
-
-    return qlora_edu.absmax_quantize(x, bits=bits, blocksize=blocksize)
-
-
-@pytest.mark.parametrize("buggy", [_buggy_floor, _buggy_scale8, _buggy_rows, _buggy_nan_on_zero],
-                         ids=lambda f: f.__name__)
-def test_battery_catches_a_wrong_absmax_quantize(buggy, capsys):
-    buggy.__name__ = "absmax_quantize"
-    assert check(buggy) is False
-    report = capsys.readouterr().out
-    assert "First failing case" in report and "FAIL" in report
-
-
-def test_report_shows_expected_got_and_hint(capsys):
-    def absmax_quantize(x, bits=4, blocksize=64):
-        return _buggy_scale8(x, bits, blocksize)
-
-    check(absmax_quantize)
-    out = capsys.readouterr().out
-    assert "expected:" in out and "got:" in out and "hint:" in out
-
-
-def test_check_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="functions"):
-        check()
-    with pytest.raises(TypeError, match="functions"):
-        check(3)
-
-
 def test_case_failure_message_names_what_was_checked():
     err = CheckFailure("codes differ", expected=1, got=2, hint="round, do not floor")
     assert "expected: 1" in str(err) and "got:      2" in str(err) and "round, do not floor" in str(err)
-    assert len(cases("absmax")) >= 8
+
+
+def test_one_stem_per_chapter_everywhere():
+    """A chapter NN_name has the lesson notebooks/NN_name.ipynb, and, when it has an exercise, the template
+    exercises/src/NN_name.py, both generated notebooks, qlora_edu/checks/NN_name.py and tests/test_NN_name.py."""
+    lessons = {p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    templates = {p.stem for p in (ROOT / "exercises" / "src").glob("*.py")}
+    tests = {p.stem.removeprefix("test_") for p in (ROOT / "tests").glob("test_[0-9][0-9]_*.py")}
+    assert set(chapters()) == templates, "every exercise has checks and every checks module an exercise"
+    assert templates <= lessons, f"exercises without a lesson: {templates - lessons}"
+    assert set(chapters()) <= tests, f"checks without a test file: {set(chapters()) - tests}"
+    for stem in chapters():
+        assert cases(stem), f"qlora_edu/checks/{stem}.py declares no case"
+
+
+def test_a_syntax_error_names_the_cell_a_learner_sees(tmp_path):
+    import json
+
+    from qlora_edu.checks.notebooks import notebook_functions
+
+    nb = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": "# title"},
+                    {"cell_type": "code", "metadata": {"tags": ["exercise"]}, "source": "def f(:\n    pass",
+                     "outputs": [], "execution_count": None}],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    path = tmp_path / "broken.ipynb"
+    path.write_text(json.dumps(nb))
+    with pytest.raises(SyntaxError) as err:
+        notebook_functions(path)
+    assert err.value.filename == "broken.ipynb cell 2"

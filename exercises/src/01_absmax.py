@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Exercise 1: absmax block quantization
 #
-# In [chapter 1](../notebooks/01_absmax_quantization.ipynb) you saw how a block of weights becomes
+# In [chapter 1](../notebooks/01_absmax.ipynb) you saw how a block of weights becomes
 # small integers plus one constant. Now you write the two functions yourself:
 #
 # 1. `absmax_quantize(x, bits=4, blocksize=64) -> (codes, scales)`
@@ -26,7 +26,8 @@
 import torch
 import torch.nn.functional as F
 
-from qlora_edu.validation import check_float_tensor, check_int, check_tensor, n_blocks
+from qlora_edu.validation import n_blocks
+from qlora_edu.validation.absmax import check_absmax_dequantize_args, check_absmax_quantize_args
 
 # %% [markdown]
 # ## Exercise 1.1: quantize

@@ -24,8 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from qlora_edu.nf4 import NF4_OFFSET
-from qlora_edu.quant4bit import MIN_ABSMAX, check_blocksize, check_code, check_dequantize_args
-from qlora_edu.validation import all_finite, check_dtype, check_float_tensor, check_int, n_blocks
+from qlora_edu.quant4bit import MIN_ABSMAX
+from qlora_edu.validation.quant4bit import (
+    check_dequantize_4bit_args,
+    check_finite_absmax,
+    check_pack_4bit_args,
+    check_quantize_4bit_args,
+    check_unpack_4bit_args,
+)
 
 # %% [markdown]
 # ## Exercise 2.1: the NF4 table
@@ -89,8 +95,8 @@ print("unpack them again:", unpack_4bit(packed, 5).tolist())
 # shape `(ceil(n / blocksize),)`. One vectorized pass over all blocks at once is all you need (no Python
 # loop over blocks or elements). Use your own `pack_4bit` from 2.2 for the last step.
 #
-# *Speed, for later:* the package's `quantize_nf4` calls this very function on slices of about 2^18
-# elements, on every core (`qlora_edu/fast4bit.py`); slicing keeps the temporaries in the CPU cache.
+# *Speed, for later:* on a CPU the package's `quantize_nf4` calls this very function on slices of 2^18
+# elements (`qlora_edu/fast4bit.py`): small temporaries are reused instead of page-faulting fresh memory.
 
 # %%
 # @solution qlora_edu.quant4bit.quantize_4bit
@@ -121,11 +127,12 @@ print("same bytes as bitsandbytes:", torch.equal(packed, packed_bnb))
 #
 # Unpack the codes, look up their values in the table and multiply each by its block's absmax, in
 # float32; then round to `dtype` and give the result `shape`. The argument checks are one call,
-# `check_dequantize_args`, because the package's fast version (below) shares them.
+# `check_dequantize_4bit_args`, given to you (the package's fast version, below, shares it).
 #
 # *Speed, for later:* `dequantize_nf4` runs this computation as `dequantize_4bit_fast` in
-# `qlora_edu/fast4bit.py`: a table of the two values of every byte (256 rows) decodes two codes with one
-# lookup, slice by slice on every core. The tests check it equal to this function and to bitsandbytes.
+# `qlora_edu/fast4bit.py`: on a CPU a table of the two values of every byte (256 rows) decodes two codes
+# with one lookup, slice by slice; on CUDA `torch.compile` fuses this very computation into one kernel.
+# The tests check both equal to this function and to bitsandbytes.
 
 # %%
 # @solution qlora_edu.quant4bit.dequantize_4bit

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Exercise 3: double quantization
 #
-# In [chapter 3](../notebooks/03_double_quantization.ipynb) you saw how QLoRA stores the float32 block
+# In [chapter 3](../notebooks/03_double_quant.ipynb) you saw how QLoRA stores the float32 block
 # constants of NF4 in 8 bits. Now you write the three functions yourself:
 #
 # 1. `dynamic_map(signed=True) -> table`: the 256 values of the 8-bit dynamic map;
@@ -18,8 +18,13 @@
 import torch
 import torch.nn.functional as F
 
-from qlora_edu.double_quant import GRID_POINTS, check_rounding, grid_lookup_table
-from qlora_edu.validation import check_dtype, check_float_tensor, check_power_of_two, check_tensor, n_blocks
+from qlora_edu.double_quant import GRID_POINTS, grid_lookup_table
+from qlora_edu.validation import n_blocks
+from qlora_edu.validation.double_quant import (
+    check_double_dequantize_args,
+    check_double_quantize_args,
+    check_dynamic_map_args,
+)
 
 # %% [markdown]
 # ## Exercise 3.1: the dynamic map

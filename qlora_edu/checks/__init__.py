@@ -1,37 +1,47 @@
 """The test battery: one set of checks for the package, the solutions and the learner's own code.
 
-A *case* is a small function that takes an ``impl`` (anything with the course's functions as
-attributes: the ``qlora_edu`` module, a solution notebook's namespace, or the functions a learner just
-wrote) and raises :class:`CheckFailure` (or any exception) when the implementation is wrong.
+A *case* is a small function that takes an ``impl`` (anything with the course's functions as attributes: the
+``qlora_edu`` package, a solution notebook's namespace, or the functions a learner just wrote) and raises
+:class:`CheckFailure` (or any exception) when the implementation is wrong.
 
-* ``tests/`` runs every case against ``qlora_edu`` and against each ``solutions/`` notebook.
-* ``check(absmax_quantize, absmax_dequantize)`` in an exercise notebook runs the cases that use those
-  functions and prints a pass/fail report: the first failing case, expected vs got, and a hint.
+* ``tests/test_NN_chapter.py`` runs every case of its chapter against ``qlora_edu`` and the chapter's solution.
+* ``check(absmax_quantize, absmax_dequantize)`` in an exercise notebook runs the cases that use those functions
+  and prints a pass/fail report: the first failing case, expected vs got, and a hint.
 * ``python -m qlora_edu.checks exercises/`` checks every exercise notebook at once.
 
-Cases live in one module per chapter (``qlora_edu/checks/absmax.py`` ...) and register themselves
-with the :func:`case` decorator. The expected values come from facts outside the function under test
-(the seed notes' worked example, error bounds, an independent float64 reference, bitsandbytes' bytes),
-never from the package itself, so a case can fail on the package too.
+**The chapter is the unit.** Chapter ``NN_name``'s cases live in ``qlora_edu/checks/NN_name.py`` (the same stem as
+``notebooks/NN_name.ipynb``, ``exercises/src/NN_name.py`` and ``tests/test_NN_name.py``), found by its file name.
+Next to each case stand the *known mistakes* it catches, declared with :func:`mistake`: a function with the real
+name and signature of an exercise function that makes one plausible error. The chapter's tests prove that
+``check`` fails on each mistake with that very case marked FAIL, so the battery is shown to catch what it claims.
+
+Expected values come from facts outside the function under test (the seed notes' worked example, error bounds,
+an independent float64 reference, bitsandbytes' bytes), never from the package itself, so a case can fail on the
+package too.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import re
 import traceback
 import types
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from hypothesis import HealthCheck, settings
 
-# Chapter modules that hold cases; imported lazily so that importing qlora_edu stays light.
-CHAPTER_MODULES = {
-    "absmax": "qlora_edu.checks.absmax",
-    "nf4": "qlora_edu.checks.nf4",
-    "double_quant": "qlora_edu.checks.double_quant",
-}
+_HERE = Path(__file__).resolve().parent
+#: A chapter's stem: two digits, an underscore, a name (``02_nf4``).
+CHAPTER_STEM = re.compile(r"^\d\d_[a-z0-9_]+$")
+
+
+def chapters() -> list[str]:
+    """The chapters that have checks, from the file names ``qlora_edu/checks/NN_name.py``, in course order."""
+    return sorted(p.stem for p in _HERE.glob("*.py") if CHAPTER_STEM.match(p.stem))
 
 
 def property_settings(max_examples: int = 40) -> settings:
@@ -68,31 +78,78 @@ class Case:
         self.fn(impl)
 
 
-_REGISTRY: dict[str, list[Case]] = {}
+@dataclass(frozen=True)
+class Mistake:
+    """A plausible wrong version of an exercise function, and the case that must catch it."""
+
+    name: str
+    chapter: str
+    function: str
+    caught_by: str
+    fn: Callable = field(repr=False)
+
+
+_CASES: dict[str, list[Case]] = {}
+_MISTAKES: dict[str, list[Mistake]] = {}
+
+
+def _chapter_of(fn: Callable) -> str:
+    chapter = fn.__module__.rsplit(".", 1)[-1]
+    if not CHAPTER_STEM.match(chapter):
+        raise ValueError(f"cases and mistakes live in qlora_edu/checks/NN_name.py, not in {fn.__module__}")
+    return chapter
 
 
 def case(*uses: str, hint: str = "") -> Callable[[Callable[[object], None]], Callable[[object], None]]:
-    """Register the decorated function as a case of the calling chapter module."""
+    """Register the decorated function as a case of the chapter module it is defined in.
+
+    ``uses`` names the course functions the case calls (a learner's ``check(f)`` runs the cases that use ``f``).
+    """
 
     def register(fn: Callable[[object], None]) -> Callable[[object], None]:
-        chapter = fn.__module__.rsplit(".", 1)[-1]
-        _REGISTRY.setdefault(chapter, []).append(
-            Case(name=fn.__name__, chapter=chapter, uses=tuple(uses), hint=hint, fn=fn))
+        chapter = _chapter_of(fn)
+        _CASES.setdefault(chapter, []).append(Case(fn.__name__, chapter, tuple(uses), hint, fn))
         return fn
 
     return register
 
 
+def mistake(function: str, *, caught_by: Callable) -> Callable[[Callable], Callable]:
+    """Declare the decorated function a known mistake in writing ``function``, which the case ``caught_by`` (the
+    case function defined just above it) must mark as FAIL."""
+
+    def register(fn: Callable) -> Callable:
+        chapter = _chapter_of(fn)
+        known = {c.name for c in _CASES.get(chapter, [])}
+        if caught_by.__name__ not in known:
+            raise ValueError(f"mistake {fn.__name__}: caught_by must be a case of {chapter}, "
+                             f"got {caught_by.__name__}")
+        _MISTAKES.setdefault(chapter, []).append(Mistake(fn.__name__, chapter, function, caught_by.__name__, fn))
+        return fn
+
+    return register
+
+
+def _load(chapter: str) -> None:
+    if chapter not in chapters():
+        raise ValueError(f"chapter must be one of {chapters()}, got {chapter!r}")
+    importlib.import_module(f"{__name__}.{chapter}")
+
+
 def cases(chapter: str) -> list[Case]:
-    """All cases of ``chapter`` (a key of :data:`CHAPTER_MODULES`), in definition order."""
-    if chapter not in CHAPTER_MODULES:
-        raise ValueError(f"chapter must be one of {sorted(CHAPTER_MODULES)}, got {chapter!r}")
-    importlib.import_module(CHAPTER_MODULES[chapter])
-    return list(_REGISTRY.get(chapter, []))
+    """All cases of ``chapter`` (a stem like ``"02_nf4"``), in definition order."""
+    _load(chapter)
+    return list(_CASES.get(chapter, []))
+
+
+def mistakes(chapter: str) -> list[Mistake]:
+    """The known mistakes declared in ``chapter``'s checks, in definition order."""
+    _load(chapter)
+    return list(_MISTAKES.get(chapter, []))
 
 
 def all_cases() -> list[Case]:
-    return [c for chapter in CHAPTER_MODULES for c in cases(chapter)]
+    return [c for chapter in chapters() for c in cases(chapter)]
 
 
 # ----------------------------------------------------------------------------------- assertions
@@ -183,14 +240,20 @@ def run_cases(impl: object, selected: Iterable[Case]) -> list[Outcome]:
     return outcomes
 
 
-def overlay(functions: dict[str, Callable]) -> types.SimpleNamespace:
-    """The package's functions with ``functions`` laid over them: a learner's ``quantize_4bit`` is
-    checked with the package's ``nf4_code`` until they have written their own."""
-    import qlora_edu
+class _Overlay(types.SimpleNamespace):
+    """Attributes given explicitly, and every other name looked up in ``qlora_edu`` when first asked for."""
 
-    names = {n: getattr(qlora_edu, n) for n in dir(qlora_edu) if not n.startswith("_")}
-    names.update(functions)
-    return types.SimpleNamespace(**names)
+    def __getattr__(self, name: str):  # called only for names not given
+        import qlora_edu
+
+        return getattr(qlora_edu, name)
+
+
+def overlay(functions: dict[str, Callable]) -> types.SimpleNamespace:
+    """The package's functions with ``functions`` laid over them: a learner's ``quantize_4bit`` is checked with
+    the package's ``nf4_code`` until they have written their own. Package names are looked up lazily, so only
+    the modules a case really uses get imported."""
+    return _Overlay(**functions)
 
 
 def cases_using(names: Iterable[str]) -> list[Case]:
@@ -226,29 +289,107 @@ def format_report(outcomes: list[Outcome], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def check(*functions: Callable, verbose: bool = True) -> bool:
+class ChecksFailed(AssertionError):
+    """Raised by :func:`check` after its report when a case failed, so that a notebook run from a script
+    (``jupyter nbconvert --execute``, nbval, a grader) stops with an error instead of passing silently.
+
+    In JupyterLab it shows as one line under the report (IPython renders ``_render_traceback_`` instead of a
+    traceback), not as a wall of frames.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[31m{type(self).__name__}: {self}\x1b[0m"]
+
+
+def check_functions(functions: dict[str, Callable], *, verbose: bool = True, title: str | None = None
+                    ) -> list[Outcome]:
+    """Run every case that uses one of ``functions`` (``{name: function}``); print the report; return outcomes."""
+    selected = cases_using(functions)
+    if not selected:
+        raise ValueError(f"functions: no case uses {sorted(functions)}; is the name spelled as in the exercise?")
+    outcomes = run_cases(overlay(functions), selected)
+    if verbose:
+        print(format_report(outcomes, title or f"Checking {', '.join(functions)} against {len(selected)} cases"))
+    return outcomes
+
+
+def check(*functions: Callable, verbose: bool = True, raise_on_failure: bool = True) -> bool:
     """Run the course's test battery against the functions you wrote; print a report.
 
     Example (in an exercise notebook)::
 
         check(absmax_quantize, absmax_dequantize)
 
-    Every case that calls one of these functions runs; functions you have not passed come from
-    ``qlora_edu``. Returns True when every case passed.
+    Every case that calls one of these functions runs; functions you have not passed come from ``qlora_edu``.
+    Returns True when every case passed. When one failed it raises :class:`ChecksFailed` after the report (one
+    red line in JupyterLab; an error exit for a notebook run non-interactively), unless ``raise_on_failure`` is
+    False, in which case it returns False.
     """
     if not functions:
         raise ValueError("functions: pass the function(s) you wrote, e.g. check(absmax_quantize)")
     for f in functions:
         if not callable(f):
             raise TypeError(f"functions: expected functions, got {type(f).__name__}")
-    given = {f.__name__: f for f in functions}
-    selected = cases_using(given)
-    if not selected:
-        raise ValueError(f"functions: no case uses {sorted(given)}; is the name spelled as in the exercise?")
-    outcomes = run_cases(overlay(given), selected)
-    if verbose:
-        print(format_report(outcomes, f"Checking {', '.join(given)} against {len(selected)} cases"))
-    return all(o.passed for o in outcomes)
+    outcomes = check_functions({f.__name__: f for f in functions}, verbose=verbose)
+    failed = [o for o in outcomes if not o.passed]
+    if failed and raise_on_failure:
+        todo = sum(o.not_implemented for o in failed)
+        first = failed[0].case
+        what = "not implemented yet" if todo == len(failed) else f"first: {first.chapter}.{first.name}"
+        raise ChecksFailed(f"{len(failed)} of {len(outcomes)} cases did not pass ({what}); "
+                           "see the report above, fix your function and run this cell again")
+    return not failed
+
+
+# ----------------------------------------------------------------------------------- shared by several chapters
+
+
+def bnb_functional():
+    """``bitsandbytes.functional``, imported without its warning about the optional ``kernels`` package."""
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as bnbf
+    finally:
+        logger.setLevel(level)
+    return bnbf
+
+
+def bnb_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = True):
+    """bitsandbytes' NF4 storage of ``x``: ``(packed, quant_state)``, the reference every NF4 case compares with."""
+    return bnb_functional().quantize_4bit(x, blocksize=blocksize, quant_type="nf4",
+                                          compress_statistics=double_quant)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The float32 bit patterns (tells -0.0 from +0.0)."""
+    return t.detach().float().contiguous().view(torch.int32)
+
+
+def expect_same_bytes(what: str, got: torch.Tensor, expected: torch.Tensor, blocksize: int,
+                      hint: str = "") -> None:
+    """Packed bytes equal; on failure name the first differing byte, its block and both nibbles, in hex."""
+    expect_true(isinstance(got, torch.Tensor), f"{what} should be a torch.Tensor", "Tensor",
+                type(got).__name__)
+    expect_true(got.dtype == torch.uint8, f"{what} has the wrong dtype", torch.uint8, got.dtype, hint)
+    expect_true(tuple(got.shape) == tuple(expected.shape), f"{what} has the wrong shape "
+                "(bitsandbytes returns (ceil(n / 2), 1))", tuple(expected.shape), tuple(got.shape), hint)
+    diff = (got.flatten() != expected.flatten()).nonzero().flatten()
+    if diff.numel():
+        i = int(diff[0])
+        e, g = int(expected.flatten()[i]), int(got.flatten()[i])
+        raise CheckFailure(
+            f"{what}: {diff.numel()} of {got.numel()} bytes differ; the first is byte {i} "
+            f"(elements {2 * i} and {2 * i + 1}, block {2 * i // blocksize})",
+            _Hex(f"0x{e:02x} (codes {e >> 4}, {e & 15})"), _Hex(f"0x{g:02x} (codes {g >> 4}, {g & 15})"), hint)
+
+
+class _Hex(str):
+    """A string shown as is in a report (no quotes)."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def _short(value: object, limit: int = 300) -> str:

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import qlora_edu
 from qlora_edu.checks import (
     CheckFailure,
     case,
@@ -18,6 +19,7 @@ from qlora_edu.checks import (
     expect_equal,
     expect_raises,
     expect_true,
+    mistake,
     property_settings,
 )
 
@@ -42,6 +44,13 @@ def seed_worked_example(impl):
     expect_close("the constant 2.5 / 7", scales, torch.tensor([2.5 / 7]), atol=0, rtol=1e-6)
     deq = impl.absmax_dequantize(codes, scales, blocksize=3)
     expect_close("dequantized [0, 2.5, -1.43]", deq, torch.tensor([0.0, 2.5, -4 * 2.5 / 7]), atol=1e-6)
+
+
+@mistake("absmax_quantize", caught_by=seed_worked_example)
+def absmax_quantize_divides_by_8(x, bits=4, blocksize=64):
+    """scale = absmax / 8 (the 16 levels of -8..7) with codes rounded against absmax / 7: inconsistent."""
+    codes, scales = qlora_edu.absmax_quantize(x, bits=bits, blocksize=blocksize)
+    return codes, scales * (2 ** (bits - 1) - 1) / 2 ** (bits - 1)
 
 
 @case("absmax_quantize", hint="one scale for the whole block: the outlier sets it, the small values round to 0")
@@ -74,6 +83,14 @@ def shapes_dtypes_and_partial_blocks(impl):
                      hint="blocks are consecutive elements of x.flatten(), crossing row ends")
 
 
+@mistake("absmax_quantize", caught_by=shapes_dtypes_and_partial_blocks)
+def absmax_quantize_blocks_per_row(x, bits=4, blocksize=64):
+    """Blocks restart at every row instead of running over the flattened tensor."""
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
+    parts = [qlora_edu.absmax_quantize(r.contiguous(), bits=bits, blocksize=blocksize) for r in rows]
+    return torch.cat([c.flatten() for c, _ in parts]).view(x.shape), torch.cat([s for _, s in parts])
+
+
 @case("absmax_quantize", hint="round(x / scale) with round-half-to-even, then clamp to [-qmax, qmax]")
 def codes_are_rounded_ratios(impl):
     """codes == round(x / scale) against a float64 reference, for every bit width 2..8."""
@@ -96,6 +113,16 @@ def codes_are_rounded_ratios(impl):
                                int(ref[i]), int(got[i]))
 
 
+@mistake("absmax_quantize", caught_by=codes_are_rounded_ratios)
+def absmax_quantize_floors(x, bits=4, blocksize=64):
+    """torch.floor instead of round: every positive code one step low half the time."""
+    codes, scales = qlora_edu.absmax_quantize(x, bits=bits, blocksize=blocksize)
+    qmax = 2 ** (bits - 1) - 1
+    per = scales.repeat_interleave(blocksize)[: x.numel()]
+    safe = torch.where(per == 0, torch.ones_like(per), per)
+    return torch.floor(x.flatten().float() / safe).clamp(-qmax, qmax).to(torch.int8).view(x.shape), scales
+
+
 @case("absmax_quantize", hint="a block of zeros has absmax 0: avoid 0/0 = NaN, its codes are 0")
 def all_zero_block(impl):
     """An all-zero block gets scale 0 and codes 0, with no NaN anywhere."""
@@ -105,6 +132,15 @@ def all_zero_block(impl):
     expect_equal("scales of [zeros, ramp, zeros]", scales, torch.tensor([0.0, 1 / 7, 0.0]))
     expect_equal("codes of the zero blocks", codes[:64], torch.zeros(64, dtype=torch.int8))
     expect_equal("codes of the zero blocks", codes[128:], torch.zeros(64, dtype=torch.int8))
+
+
+@mistake("absmax_quantize", caught_by=all_zero_block)
+def absmax_quantize_zero_block_fails(x, bits=4, blocksize=64):
+    """An all-zero block divides 0 by 0 (here: raises instead of giving codes 0)."""
+    codes, scales = qlora_edu.absmax_quantize(x, bits=bits, blocksize=blocksize)
+    if bool((scales == 0).any()):
+        raise ZeroDivisionError("0 / 0 in an all-zero block")
+    return codes, scales
 
 
 @case("absmax_quantize", "absmax_dequantize",
@@ -143,6 +179,13 @@ def dequantize_known_codes(impl):
     scales = torch.tensor([0.5, 2.0, 10.0])
     expected = torch.tensor([[0.5, -1.0, 1.5, 0.0], [3.5, 2.0, 2.0, -14.0], [4.0, 4.0, 20.0, 20.0]])
     expect_close("dequantized values", impl.absmax_dequantize(codes, scales, blocksize=5), expected, atol=0)
+
+
+@mistake("absmax_dequantize", caught_by=dequantize_known_codes)
+def absmax_dequantize_tiles_scales(codes, scales, blocksize=64):
+    """scales.repeat(blocksize) (the scales tiled) where repeat_interleave (each scale repeated) is meant."""
+    n = codes.numel()
+    return (codes.flatten().float() * scales.repeat(blocksize)[:n]).view(codes.shape)
 
 
 @case("absmax_quantize", "absmax_dequantize",

@@ -1,30 +1,61 @@
-"""Double quantization against bitsandbytes 0.50.2 on CPU: the dynamic map, the 65536-point grid rounding,
-codes / offset / absmax2 of compress_statistics=True, dequantization, the grid-vs-nearest rate, bad input."""
+"""Chapter 3, double quantization: the chapter's battery (qlora_edu/checks/03_double_quant.py) on the package and
+on the solution notebook, its known mistakes caught, and the parity sweeps against bitsandbytes 0.50.2 on CPU:
+the dynamic map, the 65536-point grid rounding, codes / offset / absmax2 of compress_statistics=True,
+dequantization, the grid-vs-nearest rate, bad input; NF4Tensor; the storage arithmetic (qlora_edu.storage).
+The `gpu` tests check NF4 storage on CUDA against the CPU and against bitsandbytes' CUDA kernel."""
 
 from __future__ import annotations
 
+import importlib
 import logging
+import math
 
 import pytest
 import torch
+from chapter_battery import battery_tests, control_passes
 from hypothesis import given
 from hypothesis import strategies as st
 
 from qlora_edu import (
+    LLAMA_SHAPES,
+    NF4Tensor,
+    bits_per_param,
     dequantize_nf4,
     double_dequantize,
+    double_quant_savings_bytes,
     double_quantize,
     dynamic_map,
     nf4_code,
     quantize_4bit,
     quantize_nf4,
+    quantized_bytes,
+    quantized_linear_params,
     rounding_mismatch_rate,
+    total_params,
 )
 from qlora_edu.checks import property_settings
 from qlora_edu.double_quant import grid_lookup_table
+from qlora_edu.storage import GB, LlamaShape
+
+checks = importlib.import_module("qlora_edu.checks.03_double_quant")
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # no warning about the optional `kernels` package
 bnbf = pytest.importorskip("bitsandbytes.functional")
+
+test_battery_on_package, test_battery_on_solution, test_known_mistake_is_caught = battery_tests("03_double_quant")
+
+
+@pytest.mark.parametrize("name", ["dynamic_map", "double_quantize", "double_dequantize"])
+def test_the_mistakes_pass_with_every_switch_off(name):
+    """The control: the re-implementations the mistakes are built from pass the battery with no mistake on."""
+    fn = {
+        "dynamic_map": lambda signed=True: checks._dynamic_map(signed),
+        "double_quantize": lambda absmax, blocksize=256, rounding="grid": checks._double_quantize(
+            absmax, blocksize, rounding),
+        "double_dequantize": lambda codes, offset, absmax2, blocksize=256: checks._double_dequantize(
+            codes, offset, absmax2, blocksize),
+    }[name]
+    assert control_passes(name, fn)
 
 FAST = property_settings(30)
 
@@ -232,9 +263,134 @@ def test_quantize_nf4_of_a_constant_tensor():
      "absmax2"),
     (lambda: dynamic_map(1), TypeError, "signed"),
     (lambda: quantize_nf4(torch.ones(10), double_quant=1), TypeError, "double_quant"),
+    (lambda: double_quantize(torch.tensor([0.5, -0.25, 1.0])), ValueError, "non-negative"),
+    (lambda: quantize_nf4(torch.ones(10), rounding="up"), ValueError, "rounding"),
+    (lambda: quantize_nf4(torch.ones(10), blocksize2=100), ValueError, "blocksize2"),
 ], ids=["int-absmax", "nan-absmax", "empty-absmax", "blocksize-100", "rounding-name", "int64-codes",
         "str-offset", "offset-2-values", "absmax2-length", "float64-absmax2", "int-signed",
-        "int-double_quant"])
+        "int-double_quant", "negative-absmax", "nf4-rounding-name", "blocksize2-100"])
 def test_bad_input_names_the_argument(call, error, name):
     with pytest.raises(error, match=name):
         call()
+
+
+# ------------------------------------------------------------------------------------------ NF4Tensor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 38), (64, 100), (2, 3, 50)], ids=str)
+def test_quantize_nf4_round_trip_matches_bitsandbytes(shape, dtype):
+    g = torch.Generator().manual_seed(23)
+    x = (torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g))).to(dtype)
+    for double_quant in (False, True):
+        t = quantize_nf4(x, double_quant=double_quant)
+        packed, state = bnbf.quantize_4bit(x, quant_type="nf4", compress_statistics=double_quant)
+        assert isinstance(t, NF4Tensor) and t.shape == shape and t.dtype == dtype
+        assert torch.equal(t.packed, packed) and torch.equal(t.absmax, state.absmax)
+        y = dequantize_nf4(t)
+        assert y.shape == shape and y.dtype == dtype
+        if x.shape[-1] % 2 == 0:  # even last dim: bitsandbytes' C++ kernel (odd ones compile a fallback)
+            assert torch.equal(y, bnbf.dequantize_4bit(packed, state).reshape(shape))
+
+
+def test_nf4tensor_nbytes():
+    rows, cols = 1024, 4096
+    x = torch.randn(rows, cols, dtype=torch.bfloat16)
+    n, n_blocks = rows * cols, rows * cols // 64
+    plain = quantize_nf4(x, double_quant=False)
+    assert plain.nbytes == n // 2 + 4 * n_blocks
+    assert plain.bits_per_param == 4.5
+    dq = quantize_nf4(x)
+    # packed codes, the constants' 8-bit codes, the offset, absmax2
+    assert dq.nbytes == n // 2 + n_blocks + 4 + 4 * (n_blocks // 256)
+    assert round(dq.bits_per_param, 3) == 4.127
+
+
+# ------------------------------------------------------------------------------------------ storage
+
+
+
+def test_bits_per_param():
+    assert bits_per_param(64, double_quant=False) == 4.5
+    with_dq = bits_per_param(64, double_quant=True, blocksize2=256)
+    assert with_dq == 4 + 8 / 64 + 32 / (64 * 256) == 4.126953125
+    assert round(bits_per_param(), 3) == 4.127
+    assert bits_per_param(32, double_quant=False) == 5.0
+    assert bits_per_param(4096, double_quant=False) == 4 + 32 / 4096
+
+
+def test_bits_per_param_agrees_with_what_an_nf4tensor_stores():
+    x = torch.randn(512, 2048)
+    for double_quant in (False, True):
+        t = quantize_nf4(x, double_quant=double_quant)
+        offset_bits = 32 / x.numel() if double_quant else 0.0  # the one float32 offset per tensor
+        assert math.isclose(t.bits_per_param, bits_per_param(double_quant=double_quant) + offset_bits)
+
+
+# Hand-counted: layers * (4 h^2 + 3 h i); totals add 2 V h (embedding + lm_head) and (2 L + 1) h (norms).
+EXPECTED = {
+    "7B": (6_476_005_376, 6_738_415_616),
+    "13B": (12_687_769_600, 13_015_864_320),
+    "33B": (32_102_154_240, 32_528_943_616),
+    "65B": (64_760_053_760, 65_285_660_672),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_llama_parameter_counts(name):
+    linear, total = EXPECTED[name]
+    s = LLAMA_SHAPES[name]
+    assert s.vocab == 32000
+    per_layer = 4 * s.hidden**2 + 3 * s.hidden * s.intermediate
+    assert quantized_linear_params(name) == linear == s.n_layers * per_layer
+    assert total_params(name) == total
+    assert quantized_linear_params(name.lower()) == quantized_linear_params(f"llama-{name}") == linear
+    assert quantized_linear_params((s.hidden, s.intermediate, s.n_layers)) == linear
+    assert quantized_linear_params(LlamaShape(s.hidden, s.intermediate, s.n_layers)) == linear
+
+
+def test_double_quant_savings():
+    saved = {name: double_quant_savings_bytes(quantized_linear_params(name)) / GB for name in EXPECTED}
+    assert saved["65B"] == pytest.approx(3.020, abs=1e-3)  # the QLoRA paper: "about 3 GB" for 65B
+    assert saved["33B"] == pytest.approx(1.497, abs=1e-3)
+    assert saved["13B"] == pytest.approx(0.592, abs=1e-3)
+    assert saved["7B"] == pytest.approx(0.302, abs=1e-3)  # not the 0.4 GB some notes claim
+    n = 10**9
+    assert double_quant_savings_bytes(n) == n * 0.373046875 / 8
+    assert quantized_bytes(n, double_quant=False) - quantized_bytes(n) == double_quant_savings_bytes(n)
+
+
+@pytest.mark.parametrize("call, error, name", [
+    (lambda: bits_per_param(48), ValueError, "blocksize"),
+    (lambda: bits_per_param(64, blocksize2=100), ValueError, "blocksize2"),
+    (lambda: bits_per_param(64, double_quant="yes"), TypeError, "double_quant"),
+    (lambda: double_quant_savings_bytes(-1), ValueError, "n_params"),
+    (lambda: double_quant_savings_bytes(1.5), TypeError, "n_params"),
+    (lambda: quantized_linear_params("70B"), ValueError, "model"),
+    (lambda: quantized_linear_params(7), TypeError, "model"),
+    (lambda: quantized_linear_params((4096, 0, 32)), ValueError, "intermediate"),
+], ids=["blocksize-48", "blocksize2-100", "str-double_quant", "negative-n", "float-n", "unknown-model",
+        "int-model", "zero-intermediate"])
+def test_storage_bad_input_names_the_argument(call, error, name):
+    with pytest.raises(error, match=name):
+        call()
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (1536, 576), (11008, 4096)], ids=str)
+def test_cuda_nf4_storage(shape):
+    """On CUDA: the CPU's packed bytes, and with rounding="nearest" bitsandbytes' CUDA codes of the constants
+    (its kernel rounds to the exactly nearest code; ../shared/reference/gpu-facts.md)."""
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    cpu = quantize_nf4(x)
+    gpu = quantize_nf4(x.cuda(), rounding="nearest")
+    assert gpu.device.type == "cuda" and torch.equal(gpu.packed.cpu(), cpu.packed)
+    packed, state = bnbf.quantize_4bit(x.cuda(), blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(gpu.packed, packed)
+    assert torch.equal(gpu.absmax, state.absmax) and torch.equal(gpu.absmax2, state.state2.absmax)
+    y = dequantize_nf4(gpu)
+    assert y.is_cuda and torch.equal(y, bnbf.dequantize_4bit(packed, state))

@@ -1,22 +1,25 @@
-"""Broad parity of qlora_edu's 4-bit code tables, packing and quantize_4bit / dequantize_4bit with
-bitsandbytes 0.50.2 on CPU, plus property tests and bad input. The learner battery
-(qlora_edu/checks/nf4.py) holds the small, fast subset of these.
+"""Chapter 2, the NF4 data type: the chapter's battery (qlora_edu/checks/02_nf4.py) on the package and on the
+solution notebook, its known mistakes caught, and the broad parity sweeps of the code tables, packing and
+quantize_4bit / dequantize_4bit against bitsandbytes 0.50.2 on CPU, with property tests and bad input.
 
-The 4-bit tests run twice: on the lesson's one-pass functions (qlora_edu.quant4bit) and on the sliced,
-multi-threaded ones that quantize_nf4 / dequantize_nf4 use (qlora_edu.fast4bit)."""
+The 4-bit tests run twice: on the lesson's one-pass functions (qlora_edu.quant4bit) and on the fast ones that
+quantize_nf4 / dequantize_nf4 use (qlora_edu.fast4bit). The `gpu` tests check that the same functions give the
+same bytes and values on CUDA; they need only torch, bitsandbytes, pytest and hypothesis (`make test-gpu`)."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
+import threading
 
 import pytest
 import torch
+from chapter_battery import battery_tests, control_passes
 from hypothesis import given
 from hypothesis import strategies as st
 
 from qlora_edu import (
-    NF4Tensor,
     absmax_quantize,
     dequantize_4bit,
     dequantize_nf4,
@@ -26,15 +29,31 @@ from qlora_edu import (
     nf4_code,
     pack_4bit,
     quantize_4bit,
-    quantize_nf4,
     unpack_4bit,
 )
 from qlora_edu.checks import property_settings
-from qlora_edu.checks.nf4 import FP4_MAGNITUDES, NF4_TABLE
-from qlora_edu.fast4bit import dequantize_4bit_fast, for_each_slice, quantize_4bit_fast, serial_torch
+from qlora_edu.fast4bit import dequantize_4bit_fast, quantize_4bit_fast
+
+checks = importlib.import_module("qlora_edu.checks.02_nf4")
+NF4_TABLE, FP4_MAGNITUDES = checks.NF4_TABLE, checks.FP4_MAGNITUDES
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # no warning about the optional `kernels` package
 bnbf = pytest.importorskip("bitsandbytes.functional")
+
+test_battery_on_package, test_battery_on_solution, test_known_mistake_is_caught = battery_tests("02_nf4")
+
+
+@pytest.mark.parametrize("name", ["nf4_code", "quantize_4bit", "dequantize_4bit"])
+def test_the_mistakes_pass_with_every_switch_off(name):
+    """The control: the re-implementations the mistakes are built from pass the battery with no mistake on."""
+    p_pos, p_neg = torch.linspace(checks.NF4_OFFSET, 0.5, 9)[:-1], torch.linspace(checks.NF4_OFFSET, 0.5, 8)[:-1]
+    fn = {
+        "nf4_code": lambda: checks._nf4_from(p_pos, p_neg),
+        "quantize_4bit": lambda x, code, blocksize=64: checks._quantize(x, code, blocksize),
+        "dequantize_4bit": lambda packed, absmax, code, shape, blocksize=64, dtype=torch.float32: checks._dequantize(
+            packed, absmax, code, shape, blocksize, dtype),
+    }[name]
+    assert control_passes(name, fn)
 
 FAST = property_settings(40)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -336,32 +355,6 @@ def test_bad_input_names_the_argument(call, error, name, fast, monkeypatch):
 # ------------------------------------------------------------------------------------------ slicing
 
 
-def test_for_each_slice_covers_every_item_once_and_restores_torch_threads():
-    threads = torch.get_num_threads()
-    seen = torch.zeros(1000, dtype=torch.int64)
-
-    def mark(start, stop):
-        seen[start:stop] += 1
-
-    for_each_slice(mark, 1000, 64)
-    assert bool((seen == 1).all()) and torch.get_num_threads() == threads
-
-    calls = []
-
-    def fail(start, stop):
-        calls.append(start)
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        for_each_slice(fail, 1000, 64)
-    assert torch.get_num_threads() == threads
-    assert len(calls) <= threads  # after a failure no worker starts another slice
-    with serial_torch():
-        assert torch.get_num_threads() == 1
-        for_each_slice(mark, 1000, 64)
-    assert bool((seen == 2).all()) and torch.get_num_threads() == threads
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fast_results_do_not_depend_on_threads_or_slice_size(threads, monkeypatch):
     x = sample((300, 1000), torch.bfloat16, seed=31)
@@ -406,32 +399,52 @@ def test_fast_quantize_counts_nan_in_the_whole_tensor(monkeypatch):
         quantize_4bit_fast(x, nf4_code())
 
 
-# ------------------------------------------------------------------------------------------ NF4Tensor
+def test_the_fast_path_leaves_no_process_wide_state():
+    """No thread count changed, no thread left running, nothing kept between calls."""
+    threads, alive = torch.get_num_threads(), threading.active_count()
+    x = sample((1024, 1024), torch.bfloat16, seed=5)
+    packed, absmax = quantize_4bit_fast(x, nf4_code())
+    dequantize_4bit_fast(packed, absmax, nf4_code(), x.shape, 64, torch.bfloat16)
+    assert torch.get_num_threads() == threads and threading.active_count() == alive
+    assert not [name for name in vars(fast4bit) if name.startswith("_") and name.isupper()]  # no module-level state
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1,), (7,), (3, 38), (64, 100), (2, 3, 50)], ids=str)
-def test_quantize_nf4_round_trip_matches_bitsandbytes(shape, dtype):
-    x = sample(shape, dtype, seed=23)
-    for double_quant in (False, True):
-        t = quantize_nf4(x, double_quant=double_quant)
-        packed, state = bnbf.quantize_4bit(x, quant_type="nf4", compress_statistics=double_quant)
-        assert isinstance(t, NF4Tensor) and t.shape == shape and t.dtype == dtype
-        assert torch.equal(t.packed, packed) and torch.equal(t.absmax, state.absmax)
-        y = dequantize_nf4(t)
-        assert y.shape == shape and y.dtype == dtype
-        if x.shape[-1] % 2 == 0:  # even last dim: bitsandbytes' C++ kernel (odd ones compile a fallback)
-            assert torch.equal(y, bnbf.dequantize_4bit(packed, state).reshape(shape))
+# ------------------------------------------------------------------------------------------ CUDA
 
 
-def test_nf4tensor_nbytes():
-    rows, cols = 1024, 4096
-    x = torch.randn(rows, cols, dtype=torch.bfloat16)
-    n, n_blocks = rows * cols, rows * cols // 64
-    plain = quantize_nf4(x, double_quant=False)
-    assert plain.nbytes == n // 2 + 4 * n_blocks
-    assert plain.bits_per_param == 4.5
-    dq = quantize_nf4(x)
-    # packed codes, the constants' 8-bit codes, the offset, absmax2
-    assert dq.nbytes == n // 2 + n_blocks + 4 + 4 * (n_blocks // 256)
-    assert round(dq.bits_per_param, 3) == 4.127
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_cuda_path_computes_the_lesson_values(compiled):
+    """The function CUDA runs under torch.compile, checked here on the CPU (inductor compiles for the CPU too):
+    the same values as the lesson's dequantize_4bit, eager and compiled, for odd counts and partial blocks."""
+    fn = fast4bit._compiled_lookup_multiply() if compiled else fast4bit._lookup_multiply
+    for shape, dtype in [((300, 70), torch.bfloat16), ((7,), torch.float16), ((64, 128), torch.float32)]:
+        x = sample(shape, dtype, seed=3)
+        packed, absmax = quantize_4bit(x, nf4_code())
+        expected = dequantize_4bit(packed, absmax, nf4_code(), shape, 64, dtype)
+        got = fn(packed.reshape(-1), absmax, nf4_code(), x.numel(), 64, dtype).view(shape)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1536, 576), (3, 37), (1001,)], ids=str)
+def test_cuda_gives_the_cpu_bytes_and_values(shape, quant_type):
+    x = sample(shape, torch.bfloat16, seed=41)
+    code = CODES[quant_type]()
+    cpu_packed, cpu_absmax = quantize_4bit(x, code)
+    for quantize in (quantize_4bit, quantize_4bit_fast):
+        packed, absmax = quantize(x.cuda(), code)
+        assert packed.is_cuda and absmax.is_cuda
+        assert torch.equal(packed.cpu(), cpu_packed) and torch.equal(bits(absmax.cpu()), bits(cpu_absmax))
+    expected = dequantize_4bit(cpu_packed, cpu_absmax, code, shape, 64, torch.bfloat16)
+    for dequantize in (dequantize_4bit, dequantize_4bit_fast):
+        y = dequantize(cpu_packed.cuda(), cpu_absmax.cuda(), code, shape, 64, torch.bfloat16)
+        assert y.is_cuda and torch.equal(y.cpu(), expected)
+
+
+@pytest.mark.gpu
+def test_cuda_dequantize_equals_bitsandbytes_kernel():
+    x = sample((4096, 4096), torch.bfloat16, seed=43).cuda()
+    packed, state = bnbf.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=False)
+    ours = dequantize_4bit_fast(packed, state.absmax, nf4_code(), x.shape, 64, torch.bfloat16)
+    assert torch.equal(ours, bnbf.dequantize_4bit(packed, state))

@@ -7,12 +7,25 @@ from a float64 reference written here; never from ``qlora_edu``.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
+import torch.nn.functional as F
 
-from qlora_edu.checks import CheckFailure, case, expect_close, expect_equal, expect_raises, expect_true
+import qlora_edu
+from qlora_edu.checks import (
+    bits,
+    bnb_functional,
+    case,
+    expect_equal,
+    expect_raises,
+    expect_same_bytes,
+    expect_true,
+    mistake,
+)
+from qlora_edu.nf4 import NF4_OFFSET
+from qlora_edu.validation import n_blocks
+from qlora_edu.validation.quant4bit import check_dequantize_4bit_args, check_quantize_4bit_args
 
 #: NF4 as printed by bitsandbytes 0.50.2 (``get_4bit_type("nf4")``), index 0..15.
 NF4_TABLE = [
@@ -25,45 +38,10 @@ NF4_TABLE = [
 FP4_MAGNITUDES = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
 
 
-def bnb_functional():
-    """``bitsandbytes.functional``, imported without its warning about the optional ``kernels`` package."""
-    logger = logging.getLogger("bitsandbytes")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes.functional as bnbf
-    finally:
-        logger.setLevel(level)
-    return bnbf
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The float32 bit patterns (tells -0.0 from +0.0)."""
-    return t.detach().float().contiguous().view(torch.int32)
-
-
 def nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Codes from packed bytes, high nibble first (written here, independently of ``unpack_4bit``)."""
     flat = packed.flatten().to(torch.int64)
     return torch.stack([flat >> 4, flat & 15], dim=1).flatten()[:numel]
-
-
-def expect_same_bytes(what: str, got: torch.Tensor, expected: torch.Tensor, blocksize: int,
-                      hint: str = "") -> None:
-    """Packed bytes equal; on failure name the first differing byte, its block and both nibbles."""
-    expect_true(isinstance(got, torch.Tensor), f"{what} should be a torch.Tensor", "Tensor",
-                type(got).__name__)
-    expect_true(got.dtype == torch.uint8, f"{what} has the wrong dtype", torch.uint8, got.dtype, hint)
-    expect_true(tuple(got.shape) == tuple(expected.shape), f"{what} has the wrong shape "
-                "(bitsandbytes returns (ceil(n / 2), 1))", tuple(expected.shape), tuple(got.shape), hint)
-    diff = (got.flatten() != expected.flatten()).nonzero().flatten()
-    if diff.numel():
-        i = int(diff[0])
-        e, g = int(expected.flatten()[i]), int(got.flatten()[i])
-        raise CheckFailure(
-            f"{what}: {diff.numel()} of {got.numel()} bytes differ; the first is byte {i} "
-            f"(elements {2 * i} and {2 * i + 1}, block {2 * i // blocksize})",
-            f"0x{e:02x} (codes {e >> 4}, {e & 15})", f"0x{g:02x} (codes {g >> 4}, {g & 15})", hint)
 
 
 # ----------------------------------------------------------------------------------- code tables
@@ -84,6 +62,19 @@ def nf4_code_structure(impl):
                 0.0, float(code[7]))
 
 
+@mistake("nf4_code", caught_by=nf4_code_structure)
+def nf4_mirrored():
+    """8 negative and 7 positive levels (0.0 lands at index 8)."""
+    return -_nf4_from(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1], torch.linspace(NF4_OFFSET, 0.5, 8)[:-1]).flip(0)
+
+
+@mistake("nf4_code", caught_by=nf4_code_structure)
+def nf4_not_normalised():
+    """Not divided by the largest value: the table ends at +-1.848."""
+    return _nf4_from(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1], torch.linspace(NF4_OFFSET, 0.5, 8)[:-1],
+                     normalise=False)
+
+
 @case("nf4_code", hint="probabilities in float32 (torch.linspace(0.9677083, 0.5, 9)[:-1] and (..., 8)[:-1]), "
       "quantiles in float64 (torch.special.ndtri(p.double())), then .float(), sort, divide by the max")
 def nf4_code_bit_identical(impl):
@@ -95,6 +86,27 @@ def nf4_code_bit_identical(impl):
                       "torch.linspace in float32, only the quantiles in float64")
     runtime = bnb_functional().get_4bit_type("nf4", device="cpu")
     expect_equal("nf4_code() bits vs bitsandbytes.functional.get_4bit_type('nf4')", bits(code), bits(runtime))
+
+
+@mistake("nf4_code", caught_by=nf4_code_bit_identical)
+def nf4_float64_probabilities():
+    """The probabilities made in float64 (entries move by ~1e-7)."""
+    p_pos = torch.linspace(NF4_OFFSET, 0.5, 9, dtype=torch.float64)[:-1]
+    p_neg = torch.linspace(NF4_OFFSET, 0.5, 8, dtype=torch.float64)[:-1]
+    return _nf4_from(p_pos, p_neg)
+
+
+@mistake("nf4_code", caught_by=nf4_code_bit_identical)
+def nf4_wrong_offset():
+    """An offset of 0.99 instead of 0.9677083 (still ends at -1 and 1, 0.0 at index 7)."""
+    return _nf4_from(torch.linspace(0.99, 0.5, 9)[:-1], torch.linspace(0.99, 0.5, 8)[:-1])
+
+
+@mistake("nf4_code", caught_by=nf4_code_bit_identical)
+def nf4_divided_in_float64():
+    """Divided by the largest value in float64, rounded to float32 only at the end."""
+    return _nf4_from(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1], torch.linspace(NF4_OFFSET, 0.5, 8)[:-1],
+                     divide_in_float64=True)
 
 
 @case("fp4_code", hint="by bit pattern: magnitudes 0, 0.0625, 8, 12, 4, 6, 2, 3 over 12, then the same "
@@ -137,6 +149,47 @@ def pack_known_example(impl):
                  hint="high nibble = byte >> 4 comes first, then byte & 15; drop the pad nibble")
 
 
+@mistake("pack_4bit", caught_by=pack_known_example)
+def pack_first_in_low_nibble(codes, pad=0):
+    """The first code of each pair in the low nibble."""
+    flat = F.pad(codes.flatten(), (0, codes.numel() % 2), value=pad)
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+@mistake("pack_4bit", caught_by=pack_known_example)
+def pack_ignores_pad(codes, pad=0):
+    """An odd count always padded with 0, whatever ``pad`` says."""
+    return qlora_edu.pack_4bit(codes, pad=0)
+
+
+@mistake("pack_4bit", caught_by=pack_known_example)
+def pack_no_padding(codes, pad=0):
+    """No padding at all: an odd count raises a size mismatch."""
+    flat = codes.flatten()
+    return (flat[0::2] << 4) | flat[1::2]
+
+
+@mistake("unpack_4bit", caught_by=pack_known_example)
+def unpack_nibbles_swapped(packed, numel):
+    """The low nibble taken as the first code."""
+    flat = packed.flatten()
+    return torch.stack([flat & 0x0F, flat >> 4], dim=1).flatten()[:numel]
+
+
+@mistake("unpack_4bit", caught_by=pack_known_example)
+def unpack_not_trimmed(packed, numel):
+    """The pad nibble of an odd count is kept (2 * bytes codes come back)."""
+    flat = packed.flatten()
+    return torch.stack([flat >> 4, flat & 0x0F], dim=1).flatten()
+
+
+@mistake("unpack_4bit", caught_by=pack_known_example)
+def unpack_no_mask(packed, numel):
+    """The second code taken as the whole byte (``& 0x0F`` forgotten)."""
+    flat = packed.flatten()
+    return torch.stack([flat >> 4, flat], dim=1).flatten()[:numel]
+
+
 @case("pack_4bit", "unpack_4bit", hint="unpack must return exactly numel codes (drop the pad nibble)")
 def pack_unpack_round_trip(impl):
     """unpack(pack(codes), n) == codes for even and odd n; ceil(n / 2) bytes."""
@@ -148,6 +201,13 @@ def pack_unpack_round_trip(impl):
                     f"pack_4bit of {n} codes: uint8, ceil(n/2) bytes", (torch.uint8, -(-n // 2)),
                     (packed.dtype, packed.numel()))
         expect_equal(f"unpack_4bit(pack_4bit(codes), {n})", impl.unpack_4bit(packed, n), codes)
+
+
+@mistake("unpack_4bit", caught_by=pack_unpack_round_trip)
+def unpack_returns_int64(packed, numel):
+    """The codes come back as int64 (the bytes widened with ``.long()`` first) instead of uint8."""
+    flat = packed.flatten().long()
+    return torch.stack([flat >> 4, flat & 0x0F], dim=1).flatten()[:numel]
 
 
 # ----------------------------------------------------------------------------------- quantize_4bit
@@ -192,6 +252,54 @@ def quantize_4bit_matches_bitsandbytes(impl):
         expect_same_bytes(f"packed for {label}", packed, expected, blocksize)
 
 
+@mistake("quantize_4bit", caught_by=quantize_4bit_matches_bitsandbytes)
+def quantize_blocks_per_row(x, code, blocksize=64):
+    """Blocks cut per row instead of over the flattened tensor."""
+    return _quantize(x, code, blocksize, per_row=True)
+
+
+@mistake("quantize_4bit", caught_by=quantize_4bit_matches_bitsandbytes)
+def quantize_pads_with_code_0(x, code, blocksize=64):
+    """An odd count padded with code 0 instead of the code of 0.0."""
+    return _quantize(x, code, blocksize, pad_code=0)
+
+
+@mistake("quantize_4bit", caught_by=quantize_4bit_matches_bitsandbytes)
+def quantize_absmax_not_clamped(x, code, blocksize=64):
+    """absmax not clamped to 1e-38: an all-zero block scales to 0 / 0 = NaN."""
+    return _quantize(x, code, blocksize, clamp_absmax=False)
+
+
+@mistake("quantize_4bit", caught_by=quantize_4bit_matches_bitsandbytes)
+def quantize_fp4_not_mapped_back(x, code, blocksize=64):
+    """The position in the sorted table returned as the code (wrong for FP4, whose table is not sorted)."""
+    return _quantize(x, code, blocksize, map_back=False)
+
+
+@mistake("quantize_4bit", caught_by=quantize_4bit_matches_bitsandbytes)
+def quantize_stores_unclamped_tail(x, code, blocksize=64):
+    """An all-zero partial last block stores absmax 0 instead of the clamped 1e-38."""
+    return _quantize(x, code, blocksize, store_clamped=False)
+
+
+@mistake("quantize_4bit", caught_by=quantize_4bit_matches_bitsandbytes)
+def quantize_stores_clamped_full(x, code, blocksize=64):
+    """An all-zero full block stores the clamped 1e-38 instead of 0."""
+    return _quantize(x, code, blocksize, store_clamped_full=True)
+
+
+@mistake("quantize_4bit", caught_by=quantize_4bit_matches_bitsandbytes)
+def quantize_in_input_dtype(x, code, blocksize=64):
+    """Scaled in the input dtype (bf16 / fp16) instead of float32."""
+    return _quantize(x, code, blocksize, input_dtype=True)
+
+
+@mistake("quantize_4bit", caught_by=quantize_4bit_matches_bitsandbytes)
+def quantize_argmin_distance(x, code, blocksize=64):
+    """Nearest code by argmin of |v - code| (FP4's two zeros both become code 0; float32 distances tie)."""
+    return _quantize(x, code, blocksize, argmin=True)
+
+
 def _mul_div_disagree(a: float) -> torch.Tensor:
     """float32 values x in (-a, a), next to the NF4 midpoints times a, whose nearest NF4 level differs between
     x * (1 / a) and x / a (found by trying the 65 floats around each midpoint * a)."""
@@ -225,6 +333,18 @@ def quantize_4bit_scaling_matches_bitsandbytes(impl):
         expect_same_bytes(f"packed for values near NF4 midpoints times {a}", packed, expected, 64)
 
 
+@mistake("quantize_4bit", caught_by=quantize_4bit_scaling_matches_bitsandbytes)
+def quantize_divides_full_blocks(x, code, blocksize=64):
+    """Full blocks divided by absmax instead of multiplied by its reciprocal."""
+    return _quantize(x, code, blocksize, divide_full=True)
+
+
+@mistake("quantize_4bit", caught_by=quantize_4bit_scaling_matches_bitsandbytes)
+def quantize_reciprocal_in_tail(x, code, blocksize=64):
+    """The last, partial block also multiplied by the reciprocal (what CUDA does, not the CPU)."""
+    return _quantize(x, code, blocksize, reciprocal_tail=True)
+
+
 @case("quantize_4bit", "nf4_code", hint="torch.bucketize(v, midpoints) with right=False sends a value equal "
       "to a midpoint to the lower code")
 def quantize_4bit_ties_go_down(impl):
@@ -236,6 +356,18 @@ def quantize_4bit_ties_go_down(impl):
     expected = torch.cat([torch.tensor([15, 0]), torch.arange(15)])
     expect_equal("codes of [1, -1, midpoint(0,1), ..., midpoint(14,15)]", nibbles(packed, x.numel()),
                  expected)
+
+
+@mistake("quantize_4bit", caught_by=quantize_4bit_ties_go_down)
+def quantize_ties_go_up(x, code, blocksize=64):
+    """A value exactly on a midpoint goes to the upper code (``bucketize(..., right=True)``)."""
+    return _quantize(x, code, blocksize, right=True)
+
+
+@mistake("quantize_4bit", caught_by=quantize_4bit_ties_go_down)
+def quantize_float64_midpoints(x, code, blocksize=64):
+    """Midpoints and the comparison in float64 instead of the float32 midpoints."""
+    return _quantize(x, code, blocksize, float64_midpoints=True)
 
 
 # ----------------------------------------------------------------------------------- dequantize_4bit
@@ -269,6 +401,24 @@ def dequantize_4bit_matches_bitsandbytes(impl):
         expect_equal(f"dequantize_4bit for {label}", got, expected)
 
 
+@mistake("dequantize_4bit", caught_by=dequantize_4bit_matches_bitsandbytes)
+def dequantize_nibbles_swapped(packed, absmax, code, shape, blocksize=64, dtype=torch.float32):
+    """The low nibble read as the first element."""
+    return _dequantize(packed, absmax, code, shape, blocksize, dtype, swap=True)
+
+
+@mistake("dequantize_4bit", caught_by=dequantize_4bit_matches_bitsandbytes)
+def dequantize_in_output_dtype(packed, absmax, code, shape, blocksize=64, dtype=torch.float32):
+    """code[q] and absmax rounded to the output dtype before the multiply (two roundings)."""
+    return _dequantize(packed, absmax, code, shape, blocksize, dtype, round_twice=True)
+
+
+@mistake("dequantize_4bit", caught_by=dequantize_4bit_matches_bitsandbytes)
+def dequantize_absmax_tiled(packed, absmax, code, shape, blocksize=64, dtype=torch.float32):
+    """absmax lined up with ``repeat`` (tiled) instead of ``repeat_interleave``: the wrong block's constant."""
+    return _dequantize(packed, absmax, code, shape, blocksize, dtype, tile=True)
+
+
 @case("dequantize_4bit", "nf4_code", hint="the high nibble is the first element of each pair; the last "
       "block may be partial and the last byte may hold a pad nibble")
 def dequantize_4bit_matches_float64_reference(impl):
@@ -292,34 +442,6 @@ def dequantize_4bit_matches_float64_reference(impl):
 
 
 # ----------------------------------------------------------------------------------- NF4Tensor
-
-
-@case("quantize_nf4", "dequantize_nf4",
-      hint="keep x.shape and x.dtype in the NF4Tensor; nbytes = bytes of the stored tensors only")
-def quantize_nf4_round_trip(impl):
-    """Shape and dtype come back; the error is within half a code gap of each block's absmax; nbytes."""
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(4, 96, generator=g).to(torch.bfloat16)
-    n, blocksize = x.numel(), 64
-    for double_quant in (False, True):
-        t = impl.quantize_nf4(x, blocksize=blocksize, double_quant=double_quant)
-        y = impl.dequantize_nf4(t)
-        expect_true(tuple(y.shape) == (4, 96) and y.dtype == torch.bfloat16,
-                    f"dequantize_nf4 shape and dtype (double_quant={double_quant})",
-                    ((4, 96), torch.bfloat16), (tuple(y.shape), y.dtype))
-        absmax = x.float().view(-1, blocksize).abs().amax(dim=1).repeat_interleave(blocksize).view(4, 96)
-        # NF4's widest gap is from -1 to -0.6962: half of it (0.152), plus the constant's own 8-bit error
-        # (< 0.8% of absmax) and the bf16 rounding of the result (< 0.4%).
-        bound = absmax * (0.1520 + 0.008 + 0.004) + 1e-6
-        expect_close(f"dequantize_nf4(quantize_nf4(x)) (double_quant={double_quant})", y.float(), x.float(),
-                     atol=float(bound.max()),
-                     hint="the error of a 4-bit code is at most half the gap to the next level")
-        n_blocks = math.ceil(n / blocksize)
-        expected_bytes = math.ceil(n / 2) + (n_blocks + 4 + 4 * math.ceil(n_blocks / 256) if double_quant
-                                             else 4 * n_blocks)
-        expect_true(t.nbytes == expected_bytes,
-                    f"nbytes of a (4, 96) NF4Tensor (double_quant={double_quant}): packed codes + constants "
-                    "(+ 4-byte offset + float32 absmax2)", expected_bytes, t.nbytes)
 
 
 # ----------------------------------------------------------------------------------- bad input
@@ -352,3 +474,84 @@ def bad_input_is_rejected(impl):
                   lambda: impl.dequantize_4bit(packed, absmax, code, (2, 51)), "packed")
     expect_raises("dequantize_4bit with absmax of the wrong length", ValueError,
                   lambda: impl.dequantize_4bit(packed, absmax[:1], code, (10, 10)), "absmax")
+
+
+# ----------------------------------------------------------------- the re-implementations the mistakes switch
+# Each mistake above is this chapter's function re-implemented with one thing changed; with every switch off the
+# re-implementation passes the battery (tests check that control), so a failure is the mistake's own.
+
+
+def _nf4_from(p_pos: torch.Tensor, p_neg: torch.Tensor, normalise: bool = True,
+              divide_in_float64: bool = False) -> torch.Tensor:
+    positive = torch.special.ndtri(p_pos.double())
+    negative = -torch.special.ndtri(p_neg.double())
+    values = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    if divide_in_float64:
+        return (values / values.max()).float()
+    values = values.float()
+    return values / values.max() if normalise else values
+
+
+def _quantize(x, code, blocksize, *, divide_full=False, reciprocal_tail=False, right=False, per_row=False,
+              pad_code=None, clamp_absmax=True, map_back=True, store_clamped=True, store_clamped_full=False,
+              input_dtype=False, argmin=False, float64_midpoints=False):
+    """The reference ``quantize_4bit`` (with its argument checks) and one switch per mistake."""
+    check_quantize_4bit_args(x, code, blocksize)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x must be finite")
+    if per_row and x.dim() > 1:
+        parts = [_quantize(row, code, blocksize) for row in x.reshape(-1, x.shape[-1])]
+        codes = torch.cat([qlora_edu.unpack_4bit(p, x.shape[-1]) for p, _ in parts])
+        zero = int(qlora_edu.unpack_4bit(_quantize(torch.zeros(1), code, 32)[0], 1))
+        return qlora_edu.pack_4bit(codes, pad=zero).view(-1, 1), torch.cat([a for _, a in parts])
+    flat = x.detach().reshape(-1) if input_dtype else x.detach().reshape(-1).float()
+    n = flat.numel()
+    n_full = n // blocksize
+    full = n_full * blocksize
+    absmax = torch.empty(n_blocks(n, blocksize), dtype=torch.float32)
+    scaled = torch.empty(n, dtype=flat.dtype)
+    low = 1e-38 if clamp_absmax else 0.0
+    blocks = flat[:full].view(n_full, blocksize)
+    absmax[:n_full] = blocks.abs().amax(dim=1).float()
+    if store_clamped_full:
+        absmax[:n_full] = absmax[:n_full].clamp(min=low)
+    divisor = absmax[:n_full].clamp(min=low).to(flat.dtype)
+    scaled[:full] = (blocks / divisor[:, None] if divide_full else blocks * (1 / divisor)[:, None]).flatten()
+    if full < n:
+        tail_max = flat[full:].abs().max().float()
+        absmax[-1] = tail_max.clamp(min=low) if store_clamped else tail_max
+        tail_divisor = tail_max.clamp(min=low).to(flat.dtype)
+        scaled[full:] = flat[full:] * (1 / tail_divisor) if reciprocal_tail else flat[full:] / tail_divisor
+    scaled = scaled.float().clamp(-1, 1)
+    sorted_code, order = code.sort(stable=True)
+    midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
+    if float64_midpoints:
+        exact_midpoints = (sorted_code.double()[:-1] + sorted_code.double()[1:]) / 2
+        codes = order[torch.bucketize(scaled.double(), exact_midpoints)].to(torch.uint8)
+    elif argmin:
+        codes = (scaled[:, None] - code[None, :]).abs().argmin(dim=1).to(torch.uint8)
+    else:
+        position = torch.bucketize(scaled, midpoints, right=right)
+        codes = (order[position] if map_back else position).to(torch.uint8)
+    zero = int(order[torch.bucketize(torch.zeros(()), midpoints)])
+    return qlora_edu.pack_4bit(codes, pad=zero if pad_code is None else pad_code).view(-1, 1), absmax
+
+
+def _dequantize(packed, absmax, code, shape, blocksize, dtype, *, swap=False, round_twice=False, tile=False):
+    """The reference ``dequantize_4bit`` (with its argument checks) and one switch per mistake."""
+    shape = check_dequantize_4bit_args(packed, absmax, code, shape, blocksize, dtype)
+    n = math.prod(shape)
+    flat = packed.flatten()
+    pairs = [flat & 0x0F, flat >> 4] if swap else [flat >> 4, flat & 0x0F]
+    q = torch.stack(pairs, dim=1).flatten()[:n].long()
+    scale = (absmax.repeat(blocksize) if tile else absmax.repeat_interleave(blocksize))[:n]
+    if round_twice:
+        return (code[q].to(dtype) * scale.to(dtype)).view(shape)
+    return (code[q] * scale).to(dtype).view(shape)
+
+
+# Equivalent mistakes, not listed above (they give the same outputs on every input, so no case can catch them):
+# * nf4_code divided by values.abs().max() (or -values.min()): both ends are +-ndtri(float32(0.9677083)),
+#   the same float32 number with opposite signs.
+# * quantize_4bit without clamping the scaled values to [-1, 1]: a value above 1 (or below -1) is already
+#   past the last (first) midpoint and gets the same end code, and NaN is not changed by a clamp.

@@ -1,11 +1,17 @@
-"""Argument checks shared by every quantizer in the course.
+"""Argument checks: the primitives here, one guard per function in the modules beside this file.
 
-Each check raises an error that names the argument and says what was expected, so a wrong call
-fails loudly instead of returning a silently wrong tensor. They are deliberately given to learners
-(the exercises keep these lines): the lesson is the quantization, not the bookkeeping.
+Every public function of the course starts with one call to its guard, ``check_<function>_args(...)``, kept in
+``qlora_edu/validation/<module>.py`` (``validation/absmax.py`` guards ``qlora_edu/absmax.py``, and so on). A guard
+raises a ``TypeError`` or ``ValueError`` that names the argument and says what was expected, so a wrong call fails
+loudly instead of returning a silently wrong tensor. Learners are given the guards (an exercise imports them from
+here, never from the module they are writing): the lesson is the quantization, not the bookkeeping.
+
+This module holds the small checks the guards are built from.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -73,3 +79,47 @@ def check_dtype(name: str, value: torch.Tensor, expected: torch.dtype) -> torch.
 def n_blocks(numel: int, blocksize: int) -> int:
     """Number of blocks of ``blocksize`` consecutive elements covering ``numel`` (the last may be partial)."""
     return -(-numel // blocksize)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` must be a Python bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple) -> object:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    """All the tensors must live on one device; returns it (``check_same_device(packed=p, absmax=a)``)."""
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"{' and '.join(devices)} must be on the same device, got {where}")
+    return next(iter(devices.values()))
+
+
+def check_shape(name: str, value: object) -> torch.Size:
+    """``value`` must be a tuple (or torch.Size) of non-negative ints describing at least one element."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (torch.Size, tuple, list)):
+        raise TypeError(f"{name} must be a tuple of ints (e.g. x.shape), got {type(value).__name__}")
+    dims = tuple(value)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or d < 0:
+            raise ValueError(f"{name} must hold non-negative ints, got {dims}")
+    if math.prod(dims) == 0:
+        raise ValueError(f"{name} must describe at least one element, got {dims}")
+    return torch.Size(dims)
+
+
+def check_length(name: str, value: torch.Tensor, expected: int, why: str) -> torch.Tensor:
+    """``value`` must hold exactly ``expected`` elements (``why`` says where the number comes from)."""
+    if value.numel() != expected:
+        raise ValueError(f"{name} must hold {expected} elements ({why}), got {value.numel()} "
+                         f"(shape {tuple(value.shape)})")
+    return value

@@ -14,12 +14,15 @@ Cells that define a learner's function get the tag ``exercise``, other cells wit
 (a measurement to make, a plot to draw) the tag ``task``; cells tagged ``setup`` in the template hold
 the imports the exercise cells need (see :mod:`qlora_edu.checks.notebooks`).
 
-Commands (run from the repository root)::
+Commands (run from the repository root; ``make exercises`` and ``make execute`` call them)::
 
-    python -m qlora_edu.notebook_builder build     # regenerate exercises/ and solutions/ sources
-    python -m qlora_edu.notebook_builder check     # exit 1 if a committed notebook is stale
-    python -m qlora_edu.notebook_builder execute notebooks/*.ipynb solutions/*.ipynb
-    python -m qlora_edu.notebook_builder sources notebooks/*.ipynb   # cell text only, for a spell checker
+    python scripts/notebook_builder.py build     # regenerate exercises/ and solutions/ sources
+    python scripts/notebook_builder.py check     # exit 1 if a committed notebook is stale
+    python scripts/notebook_builder.py execute notebooks/*.ipynb solutions/*.ipynb
+    python scripts/notebook_builder.py sources notebooks/*.ipynb   # cell text only, for a spell checker
+
+This is course tooling, not part of the installed package: it needs the ``dev`` extra (jupytext, nbformat,
+nbclient), which ``make`` installs.
 
 ``build`` keeps the outputs of a solution cell whose source did not change; run ``execute`` after it.
 """
@@ -37,7 +40,7 @@ from pathlib import Path
 import jupytext
 import nbformat
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 TEMPLATES = ROOT / "exercises" / "src"
 DIRECTIVE = re.compile(r"^#\s*@solution\s+([\w.]+)\s*$")
 BEGIN, END, HINT = "# BEGIN SOLUTION", "# END SOLUTION", "# Hint:"
@@ -66,7 +69,7 @@ def exercise_version(source: str) -> str:
     """Replace each marked region with its hint lines and a ``NotImplementedError`` naming the function."""
     out: list[str] = []
     lines = source.splitlines(keepends=True)
-    inside, func = False, "this task"  # a region outside any function is a task cell
+    inside, func, hinted = False, "this task", False  # a region outside any function is a task cell
     for ln in lines:
         stripped = ln.strip()
         m = re.match(r"\s*def (\w+)\(", ln)
@@ -75,14 +78,16 @@ def exercise_version(source: str) -> str:
         if stripped == BEGIN:
             if inside:
                 raise ValueError(f"{func}: nested {BEGIN}")
-            inside, indent = True, ln[: len(ln) - len(ln.lstrip())]
+            inside, hinted, indent = True, False, ln[: len(ln) - len(ln.lstrip())]
             out.append(f"{indent}# YOUR CODE HERE\n")
         elif stripped == END:
             if not inside:
                 raise ValueError(f"{func}: {END} without {BEGIN}")
             inside = False
-            out.append(f'{indent}raise NotImplementedError("{func}: write this part (see the hints above)")\n')
+            where = " (see the hints above)" if hinted else ""
+            out.append(f'{indent}raise NotImplementedError("{func}: write this part{where}")\n')
         elif not inside or stripped.startswith(HINT):
+            hinted = hinted or inside
             out.append(ln)
     if inside:
         raise ValueError(f"{func}: {BEGIN} without {END}")
@@ -200,7 +205,7 @@ def execute(paths: list[Path], timeout: int = 1200) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qlora_edu.notebook_builder",
+    parser = argparse.ArgumentParser(prog="python scripts/notebook_builder.py",
                                      description="build/check exercise+solution notebooks; execute notebooks")
     parser.add_argument("command", choices=["build", "check", "execute", "sources"])
     parser.add_argument("paths", nargs="*", type=Path,

@@ -1,0 +1,78 @@
+"""What a learner imports: `import qlora_edu` is light and loads no tooling, every public name resolves, the
+environment is read in one module, and every function a learner writes starts with one call to its guard."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "qlora_edu"
+TOOLING = ("hypothesis", "nbclient", "nbformat", "jupytext", "pytest", "transformers", "peft", "bitsandbytes")
+
+
+def test_import_loads_no_tooling():
+    code = ("import sys, qlora_edu; from qlora_edu import absmax_quantize, quantize_nf4, check; "
+            f"print(','.join(m for m in {TOOLING!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"importing qlora_edu loaded {out.stdout.strip()}"
+
+
+def test_import_of_the_package_root_loads_nothing_heavy():
+    code = "import sys, qlora_edu; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_every_public_name_resolves_to_its_module():
+    import qlora_edu
+
+    index = qlora_edu._public_names()
+    assert len(index) > 30
+    for name, module in index.items():
+        if module.endswith(("base_model", "perplexity")):
+            continue  # importing transformers costs seconds; test_base_model covers these
+        assert getattr(qlora_edu, name) is getattr(__import__(module, fromlist=[name]), name)
+    with pytest.raises(AttributeError, match="no attribute"):
+        qlora_edu.no_such_function  # noqa: B018
+
+
+def test_the_environment_is_read_in_settings_only():
+    readers = [p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py")
+               if any(w in p.read_text() for w in ("os.environ", "getenv(")) and p.name != "settings.py"]
+    assert readers == [], f"read os.environ outside qlora_edu/settings.py: {readers}"
+
+
+def _solution_functions() -> list[tuple[str, ast.FunctionDef]]:
+    """Every package function with a `# BEGIN SOLUTION` region: the functions learners write."""
+    found = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        source = path.read_text()
+        for node in ast.parse(source).body:  # module-level functions (a layer's forward has tensors, not arguments)
+            if isinstance(node, ast.FunctionDef) and "# BEGIN SOLUTION" in ast.get_source_segment(source, node):
+                found.append((path.stem, node))
+    return found
+
+
+@pytest.mark.parametrize(("module", "fn"), _solution_functions(), ids=lambda v: getattr(v, "name", v))
+def test_a_learner_function_starts_with_one_guard_call(module, fn):
+    """Its first statement (after the docstring) is one call to check_<name>_args from qlora_edu.validation; no
+    other argument check follows it. (Functions without arguments have nothing to guard.)"""
+    if not fn.args.args:
+        return
+    body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant) else fn.body
+    first = body[0]
+    call = first.value if isinstance(first, (ast.Expr, ast.Assign)) else None
+    assert isinstance(call, ast.Call) and getattr(call.func, "id", "") == f"check_{fn.name}_args", \
+        f"{module}.{fn.name} must start with check_{fn.name}_args(...)"
+    later = [n.func.id for stmt in body[1:] for n in ast.walk(stmt)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id.startswith("check_")
+             and n.func.id != "check_finite_absmax"]
+    assert later == [], f"{module}.{fn.name} checks arguments again after its guard: {later}"
+    source = (PACKAGE / f"{module}.py").read_text()
+    assert f"from qlora_edu.validation.{module} import" in source or "from qlora_edu.validation." in source
