@@ -16,9 +16,9 @@ install:
 lab: install
 	bash scripts/lab.sh
 
+# Two pytest workers with one torch thread each, on two cores (more threads than cores stall torch's kernels).
 test: install lint
 	$(PY) scripts/notebook_builder.py check
-	# One torch thread per worker: two workers on two cores (more threads than cores stall torch's kernels).
 	OMP_NUM_THREADS=1 QLORA_EDU_SMOKE=$(SMOKE) $(PY) -m pytest -n 2 --dist loadfile \
 		--nbval-lax --nbval-cell-timeout=900 tests notebooks solutions
 
