@@ -141,8 +141,9 @@ def double_quantize(absmax: torch.Tensor, blocksize: int = 256,
     # BEGIN SOLUTION
     # Hint: offset = absmax.float().mean(); centre, pad with zeros to whole blocks, view (-1, blocksize);
     # Hint: absmax2 = row max of |.|; scaled = centred * (1 / absmax2)[:, None] (a reciprocal, like
-    # Hint: bitsandbytes); "nearest": torch.bucketize on the dynamic map's midpoints; "grid": see the
-    # Hint: notes above this exercise (float32 steps, truncate, NaN -> grid point 0, then grid_lookup_table).
+    # Hint: bitsandbytes); "nearest": torch.bucketize on the dynamic map's midpoints, after turning the NaN of
+    # Hint: a constant block (0 * (1/0)) into 0.0 (code 127); "grid": see the notes above this exercise
+    # Hint: (float32 steps, truncate, NaN -> grid point 0, then grid_lookup_table).
     # Hint: End with `codes` (uint8, one per constant), `offset` and `absmax2`.
     flat = absmax.detach().flatten().float()
     m = flat.numel()

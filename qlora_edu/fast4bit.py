@@ -38,7 +38,7 @@ import torch
 from qlora_edu.quant4bit import dequantize_4bit, quantize_4bit
 from qlora_edu.validation.quant4bit import check_dequantize_4bit_args, check_quantize_4bit_args
 
-__all__ = ["quantize_4bit_fast", "dequantize_4bit_fast"]
+__all__ = ["quantize_4bit_fast", "dequantize_4bit_fast", "dequantize_4bit_unchecked", "byte_pair_table"]
 
 #: Elements per slice on the CPU (rounded down to whole blocks). 2**18 to 2**21 measured alike on a 2-core x86
 #: VM; much smaller slices pay Python's per-call overhead more often, much larger ones page-fault again.
@@ -73,15 +73,30 @@ def dequantize_4bit_fast(packed: torch.Tensor, absmax: torch.Tensor, code: torch
     """:func:`~qlora_edu.quant4bit.dequantize_4bit`, the same values: a byte -> two values table on a CPU, a
     compiled kernel on CUDA."""
     shape = check_dequantize_4bit_args(packed, absmax, code, shape, blocksize, dtype)
+    return dequantize_4bit_unchecked(packed, absmax, code.to(packed.device), shape, blocksize, dtype)
+
+
+def byte_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 ``(256,)``: entry ``b`` holds the float32 values of byte ``b``'s two codes, ``code[b >> 4]`` then
+    ``code[b & 15]``, as one 8-byte element, so one ``index_select`` decodes two weights without unpacking (about
+    twice as fast as copying 2-float rows); viewing the result as float32 gives the values back in order."""
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous().view(torch.int64).flatten()
+
+
+def dequantize_4bit_unchecked(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: torch.Size,
+                              blocksize: int, dtype: torch.dtype, pair_table: torch.Tensor | None = None
+                              ) -> torch.Tensor:
+    """:func:`dequantize_4bit_fast` for callers that checked the arguments already (``code`` on ``packed``'s
+    device). :func:`qlora_edu.nf4_tensor.dequantize_nf4` runs on every weight in every pass of the QLoRA layer,
+    and passes the ``pair_table`` it keeps per device: on a small weight, re-checking the code table and
+    rebuilding the pair table cost as much as the lookup itself."""
     if packed.device.type == "cuda":
-        return _dequantize_cuda(packed, absmax, code.to(packed.device), shape, blocksize, dtype)
+        return _dequantize_cuda(packed, absmax, code, shape, blocksize, dtype)
     if packed.device.type != "cpu":
         return dequantize_4bit(packed, absmax, code, shape, blocksize, dtype)
+    if pair_table is None:
+        pair_table = byte_pair_table(code)
     n = math.prod(shape)
-    # Row b of the (256, 2) table holds the values of byte b's two codes: code[b >> 4], code[b & 15]. Viewed as
-    # one int64 a row, index_select moves both float32 values as a single 8-byte element (about twice as fast as
-    # copying 2-float rows); viewing the result as float32 gives them back in order.
-    pair_table = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).view(torch.int64).flatten()
     flat = packed.reshape(-1)
     out = torch.empty(n, dtype=dtype)
     n_full = n // blocksize

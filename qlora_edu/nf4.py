@@ -22,9 +22,13 @@ by up to ~1.1e-7, which changes the bytes of values that fall near a midpoint.
 
 Two remarks for the course:
 
-* The paper describes the levels as averages of adjacent quantiles, ``q_i = (Q(i/17) + Q((i+1)/17)) / 2``
-  (its eq. 4); the released code does *not* do that: it evaluates quantiles at evenly spaced
-  probabilities directly, as above. We follow the code, because the code made the checkpoints.
+* The paper's equation for the levels, averages of adjacent quantiles ``q_i = (Q(i/17) + Q((i+1)/17)) / 2``
+  (its eq. 4), is *not* what the released code computes: the code evaluates quantiles at evenly spaced
+  probabilities directly, as above. The paper's Appendix E, though, prints the code's exact 16 values (the
+  table :func:`nf4_code` returns). We follow the code and the appendix, because the code made the checkpoints.
+* The table gives every code an equal share only of the normal it assumes, N(0, 1/Phi^-1(offset)^2), std
+  0.541; absmax-normalised blocks of 64 are narrower (std ~0.39), so the inner codes are used more often
+  (chapter 2 measures it; Yoshida 2023, arXiv 2306.06965).
 * Why ``offset = 0.9677083``? The authors never documented it (bitsandbytes issue #440 asks). Some offset
   below 1 is needed because ``Phi^-1(1) = inf``. This one equals ``1 - (1/30 + 1/32) / 2``, the mean of
   ``1 - 1/(2*15)`` and ``1 - 1/(2*16)``, the centres of the last bin when ``[0, 1]`` is cut into 15 or 16

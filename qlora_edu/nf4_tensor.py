@@ -15,13 +15,14 @@ on the device of the weight it was made from.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from qlora_edu.double_quant import double_dequantize, double_quantize
-from qlora_edu.fast4bit import dequantize_4bit_fast, quantize_4bit_fast
+from qlora_edu.double_quant import double_quantize, dynamic_map
+from qlora_edu.fast4bit import byte_pair_table, dequantize_4bit_unchecked, quantize_4bit_fast
 from qlora_edu.nf4 import nf4_code
 from qlora_edu.validation.double_quant import check_dequantize_nf4_args, check_quantize_nf4_args
 
@@ -100,7 +101,36 @@ def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 
 
 def dequantize_nf4(t: NF4Tensor) -> torch.Tensor:
-    """The weight back from an :class:`NF4Tensor`, in its original shape and dtype."""
+    """The weight back from an :class:`NF4Tensor`, in its original shape and dtype.
+
+    Equal to :func:`~qlora_edu.double_quant.double_dequantize` followed by
+    :func:`~qlora_edu.quant4bit.dequantize_4bit` (and to bitsandbytes' ``dequantize_4bit``), bit for bit; the
+    tests check both. The QLoRA layer calls it for every weight in every forward and backward pass, so it skips
+    the per-call work that does not depend on the weight: the tables come from :func:`_format_tables`, and the
+    tensors of an :class:`NF4Tensor` were checked when :func:`quantize_nf4` made them.
+    """
     check_dequantize_nf4_args(t)
-    absmax = double_dequantize(t.absmax, t.offset, t.absmax2, t.blocksize2) if t.double_quant else t.absmax
-    return dequantize_4bit_fast(t.packed, absmax, nf4_code(), t.shape, t.blocksize, t.dtype)
+    nf4, pair_table, dmap = _format_tables(t.device)
+    absmax = _double_dequantize(t.absmax, t.offset, t.absmax2, t.blocksize2, dmap) if t.double_quant else t.absmax
+    return dequantize_4bit_unchecked(t.packed, absmax, nf4, t.shape, t.blocksize, t.dtype, pair_table)
+
+
+@functools.cache
+def _format_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NF4's 16 levels, their byte-pair table and the signed dynamic map, on ``device``: constants of the format,
+    built once per device (rebuilding them on every call took about a third of dequantizing a 576 x 576 weight).
+    Private and never handed out, so nothing can change them in place."""
+    nf4 = nf4_code().to(device)
+    return nf4, byte_pair_table(nf4), dynamic_map(True).to(device)
+
+
+def _double_dequantize(codes: torch.Tensor, offset: torch.Tensor, absmax2: torch.Tensor, blocksize: int,
+                       table: torch.Tensor) -> torch.Tensor:
+    """:func:`~qlora_edu.double_quant.double_dequantize` with the dynamic map passed in and no padding copy: the
+    same two float32 steps (times ``absmax2``, plus ``offset``), so the same bits (``tests/test_03_double_quant``)."""
+    values = table[codes.reshape(-1).long()]
+    m = values.numel()
+    full = m - m % blocksize
+    values[:full].view(-1, blocksize).mul_(absmax2[: full // blocksize, None])
+    values[full:].mul_(absmax2[-1])  # the last, partial block (empty when m is a multiple of blocksize)
+    return values.add_(offset)

@@ -70,8 +70,9 @@ def quantize_4bit(x: torch.Tensor, code: torch.Tensor,
     check_quantize_4bit_args(x, code, blocksize)
     # BEGIN SOLUTION
     # Hint: flat = x as a flat float32 tensor; full blocks: view flat[:full] as (n_full, blocksize),
-    # Hint: absmax = row max of |x|, scaled = blocks * (1 / absmax.clamp(min=1e-38))[:, None]; the partial
-    # Hint: tail: absmax = its clamped max (store the clamped value), scaled = tail / absmax. Clamp scaled to
+    # Hint: absmax = row max of |x| (stored as is: 0 for an all-zero block), scaled = blocks * (1 /
+    # Hint: absmax.clamp(min=MIN_ABSMAX))[:, None]; the partial tail: absmax = max(its max |x|, MIN_ABSMAX)
+    # Hint: (here the clamped value IS stored: 1e-38 for an all-zero tail), scaled = tail / absmax. Clamp scaled to
     # Hint: [-1, 1]. Nearest code: sort the table (stable), midpoints = (sorted[:-1] + sorted[1:]) / 2,
     # Hint: torch.bucketize(scaled, midpoints) (ties go to the lower entry), mapped back through the sort
     # Hint: order. Pack with pack_4bit, padding an odd count with the code of 0.0.

@@ -12,7 +12,9 @@ template, ``exercises/src/NN_name.py`` (jupytext "percent" format: ``# %%`` star
 
 Cells that define a learner's function get the tag ``exercise``, other cells with a marked region
 (a measurement to make, a plot to draw) the tag ``task``; cells tagged ``setup`` in the template hold
-the imports the exercise cells need (see :mod:`qlora_edu.checks.notebooks`).
+the imports the exercise cells need (see :mod:`qlora_edu.checks.notebooks`). A template cell whose
+first line is ``# NBVAL_CHECK_OUTPUT`` (its output must reproduce exactly under nbval) loses that line
+and gets the equivalent tag ``nbval-check-output`` instead, so learners do not see CI markers.
 
 Commands (run from the repository root; ``make exercises`` and ``make execute`` call them)::
 
@@ -45,6 +47,7 @@ TEMPLATES = ROOT / "exercises" / "src"
 DIRECTIVE = re.compile(r"^#\s*@solution\s+([\w.]+)\s*$")
 BEGIN, END, HINT = "# BEGIN SOLUTION", "# END SOLUTION", "# Hint:"
 ANSWER_PROMPT = "**Your answer:** *(write it here, then compare with the solution notebook)*"
+NBVAL_MARKER, NBVAL_TAG = "# NBVAL_CHECK_OUTPUT", "nbval-check-output"  # nbval reads either
 
 
 # ------------------------------------------------------------------------------ source transforms
@@ -103,19 +106,24 @@ def _cell_pair(cell: nbformat.NotebookNode) -> tuple[str, str, list[str]]:
     if cell.cell_type == "markdown":
         is_answer = "answer" in cell.metadata.get("tags", [])
         return cell.source, (ANSWER_PROMPT if is_answer else cell.source), tags
-    lines = cell.source.splitlines()
+    source = cell.source
+    lines = source.splitlines()
+    if lines and lines[0].strip() == NBVAL_MARKER:  # a CI marker: a tag in the notebooks, not a line
+        tags.append(NBVAL_TAG)
+        lines = lines[1:]
+        source = "\n".join(lines)
     targets = [m.group(1) for m in map(DIRECTIVE.match, lines) if m]
     if targets:
         if len(targets) != len(lines):
-            raise ValueError(f"a cell with @solution lines must hold nothing else:\n{cell.source}")
+            raise ValueError(f"a cell with @solution lines must hold nothing else:\n{source}")
         sources = [function_source(t) for t in targets]
         sol = "\n\n".join(solution_version(s) for s in sources)
         ex = "\n\n".join(exercise_version(s) for s in sources)
-        return sol.rstrip(), ex.rstrip(), ["exercise"]
+        return sol.rstrip(), ex.rstrip(), tags + ["exercise"]
     if any(ln.strip() == BEGIN for ln in lines):
         # A task done inline (a measurement, a plot) rather than a function the battery can check.
-        return solution_version(cell.source).rstrip(), exercise_version(cell.source).rstrip(), ["task"]
-    return cell.source, cell.source, tags
+        return solution_version(source).rstrip(), exercise_version(source).rstrip(), tags + ["task"]
+    return source, source, tags
 
 
 def build_pair(template: Path) -> tuple[nbformat.NotebookNode, nbformat.NotebookNode]:

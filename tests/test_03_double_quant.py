@@ -20,6 +20,7 @@ from qlora_edu import (
     LLAMA_SHAPES,
     NF4Tensor,
     bits_per_param,
+    dequantize_4bit,
     dequantize_nf4,
     double_dequantize,
     double_quant_savings_bytes,
@@ -278,7 +279,7 @@ def test_bad_input_names_the_argument(call, error, name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(1,), (7,), (3, 38), (64, 100), (2, 3, 50)], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 38), (64, 100), (2, 3, 50), (300, 258)], ids=str)
 def test_quantize_nf4_round_trip_matches_bitsandbytes(shape, dtype):
     g = torch.Generator().manual_seed(23)
     x = (torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g))).to(dtype)
@@ -291,6 +292,16 @@ def test_quantize_nf4_round_trip_matches_bitsandbytes(shape, dtype):
         assert y.shape == shape and y.dtype == dtype
         if x.shape[-1] % 2 == 0:  # even last dim: bitsandbytes' C++ kernel (odd ones compile a fallback)
             assert torch.equal(y, bnbf.dequantize_4bit(packed, state).reshape(shape))
+
+
+@pytest.mark.parametrize("n", [1, 63, 64 * 256, 64 * 256 + 65, 64 * 1000 + 3])
+def test_dequantize_nf4_is_the_lesson_functions_composed(n):
+    """dequantize_nf4's own route (tables kept per device, no padding copy) gives the bits of
+    double_dequantize followed by dequantize_4bit, for whole and partial second-level blocks."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+    t = quantize_nf4(x)
+    absmax = double_dequantize(t.absmax, t.offset, t.absmax2, t.blocksize2)
+    assert torch.equal(dequantize_nf4(t), dequantize_4bit(t.packed, absmax, nf4_code(), t.shape, 64, t.dtype))
 
 
 def test_nf4tensor_nbytes():

@@ -83,8 +83,12 @@ print("unpack them again:", unpack_4bit(packed, 5).tolist())
 #
 # 1. `absmax` = the block's largest `|x|`, float32 (one per block);
 # 2. `v = x * (1 / absmax)` for full blocks, but `v = x / absmax` for the last, partial block (a quirk of
-#    bitsandbytes on CPU; the two can differ in the last bit). Divide by `max(absmax, 1e-38)` so an
-#    all-zero block gives zeros, and clamp `v` to `[-1, 1]`;
+#    bitsandbytes on CPU; the two can differ in the last bit). Clamp `v` to `[-1, 1]`.
+#
+#    An all-zero block would divide 0 by 0. bitsandbytes divides by `max(absmax, 1e-38)` instead
+#    (`MIN_ABSMAX`, imported above), so the block's values become 0. What it **stores** is not the same for
+#    every block: a full block stores its true absmax (0 for an all-zero block), while the last, partial
+#    block stores the clamped value (1e-38 for an all-zero tail). The check compares both with bitsandbytes;
 # 3. the code of `v` is the index of the nearest table entry: compare with the 15 float32 midpoints
 #    between neighbouring entries of the *sorted* table; a value exactly on a midpoint goes to the
 #    **lower** entry (`torch.bucketize(v, midpoints)` does exactly that). FP4's table is not sorted, so map
@@ -170,10 +174,11 @@ check(nf4_code, pack_4bit, unpack_4bit, quantize_4bit, dequantize_4bit)
 import qlora_edu
 from qlora_edu import load_base_model
 from qlora_edu.perplexity import perplexity, replace_linear_weights
+from qlora_edu.progress import progress_bar
 from qlora_edu.settings import pick
 
 n_tokens = pick(4096, 1024)
-model, tokenizer = load_base_model()
+model, tokenizer = load_base_model(progress=False)
 linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name}
 original = {name: m.weight.detach().clone() for name, m in linears.items()}
 
@@ -184,10 +189,14 @@ def restore():
             m.weight.copy_(original[name])
 
 
-ppl_fp32 = perplexity(model, tokenizer, max_tokens=n_tokens)
 nf4 = qlora_edu.nf4_code()
-replace_linear_weights(model, lambda w: qlora_edu.dequantize_4bit(*qlora_edu.quantize_4bit(w, nf4), nf4, w.shape))
-ppl_package = perplexity(model, tokenizer, max_tokens=n_tokens)
+with progress_bar(desc="fp32 and the package's NF4", total=2, unit="perplexities") as bar:
+    ppl_fp32 = perplexity(model, tokenizer, max_tokens=n_tokens, progress=False)
+    bar.update()
+    replace_linear_weights(model, lambda w: qlora_edu.dequantize_4bit(*qlora_edu.quantize_4bit(w, nf4), nf4, w.shape),
+                           progress=False)
+    ppl_package = perplexity(model, tokenizer, max_tokens=n_tokens, progress=False)
+    bar.update()
 restore()
 print(f"{n_tokens:,} tokens: fp32 {ppl_fp32:.4f}, NF4 with qlora_edu {ppl_package:.4f}")
 
@@ -201,8 +210,9 @@ print(f"{n_tokens:,} tokens: fp32 {ppl_fp32:.4f}, NF4 with qlora_edu {ppl_packag
 # Hint: decoder linear layer; transform = quantize with your table, then dequantize to w.shape.
 # Hint: Then ppl_mine = perplexity(model, tokenizer, max_tokens=n_tokens), and restore().
 table = nf4_code()
-replace_linear_weights(model, lambda w: dequantize_4bit(*quantize_4bit(w, table, 64), table, w.shape, 64))
-ppl_mine = perplexity(model, tokenizer, max_tokens=n_tokens)
+replace_linear_weights(model, lambda w: dequantize_4bit(*quantize_4bit(w, table, 64), table, w.shape, 64),
+                       progress=False)
+ppl_mine = perplexity(model, tokenizer, max_tokens=n_tokens, progress=False)
 restore()
 # END SOLUTION
 print(f"NF4 with your functions: {ppl_mine:.4f}  (package: {ppl_package:.4f}, fp32: {ppl_fp32:.4f})")

@@ -63,7 +63,10 @@ print("index of 0.0:", int((table == 0).nonzero()), " values > 0.1:", int((table
 # 3. scale with a reciprocal, as bitsandbytes does: `v = (absmax − offset) * (1 / absmax2)`;
 # 4. find each `v`'s code, an index into `dynamic_map(True)` (uint8, one per constant):
 #    * `rounding="nearest"`: the exactly nearest map value; compare with the midpoints between
-#      neighbouring values (`torch.bucketize(v, midpoints)`: a value on a midpoint goes to the lower code);
+#      neighbouring values (`torch.bucketize(v, midpoints)`: a value on a midpoint goes to the lower code).
+#      A block whose constants all equal the offset has `absmax2 = 0` and `v = 0 * (1/0) = NaN`; its true
+#      centred values are exactly 0, so turn the NaN into 0.0 first: its code is 127, the map's 0.0
+#      (`torch.bucketize` would put a NaN past the last midpoint, code 255);
 #    * `rounding="grid"` (bitsandbytes on CPU, needed for byte parity): first snap `v` to one of
 #      65,536 grid points, `g = (v + 1) * 0.5 * 65535 + 0.5` in float32, in this order, then truncated to
 #      an integer; a NaN (from a block whose constants all equal the offset: `0 * (1/0)`) becomes grid
@@ -85,8 +88,11 @@ print("index of 0.0:", int((table == 0).nonzero()), " values > 0.1:", int((table
 # @solution qlora_edu.double_quant.double_dequantize
 
 # %% [markdown]
-# Try them on the constants of a random weight-like matrix: the constants should come back to within
-# about half a percent.
+# Try them on the constants of a random weight-like matrix. How close should they come back? A centred
+# constant is rounded to a map value at most half a map step away (plus one grid cell, 2/65535, with the
+# CPU grid); the widest step (between 0.1 and 1) is 0.9/64, so no constant moves by more than
+# `(0.9/128 + 1/65535) * absmax2` of its block. Relative to the constant itself that bound is largest for
+# the smallest constants; the cell prints the worst constant's error next to its own bound.
 
 # %%
 from qlora_edu import nf4_code, quantize_4bit
@@ -97,7 +103,13 @@ _, absmax = quantize_4bit(x, nf4_code(), blocksize=64)
 codes, offset, absmax2 = double_quantize(absmax)
 back = double_dequantize(codes, offset, absmax2)
 print(f"{absmax.numel()} constants -> {codes.dtype} codes, offset {offset.item():.6f}, {absmax2.numel()} absmax2")
-print(f"largest relative error of a constant: {((back - absmax) / absmax).abs().max().item():.4f}")
+relative = ((back - absmax) / absmax).abs()
+bound = (0.9 / 128 + 1 / 65535) * absmax2.repeat_interleave(256)[: absmax.numel()] / absmax
+worst = int(relative.argmax())
+print(f"relative error of all the constants, ||back - absmax|| / ||absmax||: "
+      f"{((back - absmax).norm() / absmax.norm()).item():.4f}")
+print(f"worst constant: relative error {relative[worst].item():.4f}, its bound {bound[worst].item():.4f}; "
+      f"every constant within its bound: {bool((relative <= bound).all())}")
 
 # %% [markdown]
 # ## Check your work
@@ -154,7 +166,7 @@ print(f"double quantization saves {bits_fp32 - bits_dq:.6f} bits/param = {saved_
 # %%
 from qlora_edu import dequantize_4bit, load_base_model
 
-model, tokenizer = load_base_model()
+model, tokenizer = load_base_model(progress=False)
 w = model.model.layers[15].mlp.up_proj.weight.detach()
 packed, absmax = quantize_4bit(w, nf4_code())
 # BEGIN SOLUTION
@@ -192,7 +204,7 @@ print(f"total with double quantization: {((w_dq - w).norm() / w.norm()).item():.
 # parameter, 0.0156 at 32 but only 0.00195 at 256, under 2% of the 0.127 bits. Larger blocks would save
 # almost nothing more (0.0001 bits at 4,096) but make one `absmax2` cover more constants, so a single large
 # constant coarsens the step for more of them: on a real layer the error of the constants grows from
-# about 0.0036 at 256 to 0.0047 at 4,096 (chapter 3's widget), and halves to 0.0023 at 32 for eight times
+# about 0.0036 at 256 to 0.0047 at 4,096 (chapter 3, section 10 prints them), and falls to 0.0023 at 32 for eight times
 # the second-level cost. 256 sits where the cost is already negligible and the error still small.
 
 # %% [markdown]

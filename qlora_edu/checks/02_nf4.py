@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 import qlora_edu
 from qlora_edu.checks import (
+    CheckFailure,
+    _Hex,
     bits,
     bnb_functional,
     case,
@@ -36,6 +38,22 @@ NF4_TABLE = [
 ]
 #: FP4 magnitudes by bit pattern 0b000..0b111, before the division by 12 (bit 3 is the sign).
 FP4_MAGNITUDES = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
+
+
+def _expect_bytes(what: str, got: torch.Tensor, expected: torch.Tensor, hint: str = "") -> None:
+    """Packed bytes equal, dtype and shape too; the first differing byte is shown in hex with its two nibbles,
+    as the lesson prints bytes (``0x12``, not ``18``)."""
+    expect_true(isinstance(got, torch.Tensor), f"{what} should be a torch.Tensor", "Tensor", type(got).__name__)
+    expect_true(got.dtype == torch.uint8, f"{what} has the wrong dtype", torch.uint8, got.dtype, hint)
+    expect_true(tuple(got.shape) == tuple(expected.shape), f"{what} has the wrong shape", tuple(expected.shape),
+                tuple(got.shape), hint)
+    diff = (got.flatten() != expected.flatten()).nonzero().flatten()
+    if diff.numel():
+        i = int(diff[0])
+        e, g = int(expected.flatten()[i]), int(got.flatten()[i])
+        raise CheckFailure(f"{what}: {diff.numel()} of {got.numel()} bytes differ; the first is byte {i}",
+                           _Hex(f"0x{e:02X} (high nibble {e >> 4}, low nibble {e & 15})"),
+                           _Hex(f"0x{g:02X} (high nibble {g >> 4}, low nibble {g & 15})"), hint)
 
 
 def nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
@@ -141,9 +159,9 @@ def pack_known_example(impl):
         return torch.tensor(values, dtype=torch.uint8)
 
     got = impl.pack_4bit(u8([1, 2, 3, 4, 5]), pad=7)
-    expect_equal("pack_4bit([1, 2, 3, 4, 5], pad=7)", got, u8([0x12, 0x34, 0x57]))
+    _expect_bytes("pack_4bit([1, 2, 3, 4, 5], pad=7)", got, u8([0x12, 0x34, 0x57]))
     got = impl.pack_4bit(u8([[15, 0], [10, 11]]))
-    expect_equal("pack_4bit([[15, 0], [10, 11]]) (row-major)", got, u8([0xF0, 0xAB]))
+    _expect_bytes("pack_4bit([[15, 0], [10, 11]]) (row-major)", got, u8([0xF0, 0xAB]))
     got = impl.unpack_4bit(u8([0x12, 0x34, 0x57]), 5)
     expect_equal("unpack_4bit([0x12, 0x34, 0x57], 5)", got, u8([1, 2, 3, 4, 5]),
                  hint="high nibble = byte >> 4 comes first, then byte & 15; drop the pad nibble")
@@ -247,8 +265,20 @@ def quantize_4bit_matches_bitsandbytes(impl):
         code = impl.nf4_code() if quant_type == "nf4" else impl.fp4_code()
         packed, absmax = impl.quantize_4bit(x, code, blocksize=blocksize)
         label = f"{quant_type} {tuple(shape)} {str(dtype).removeprefix('torch.')} blocksize {blocksize}"
+        if i == 0 and isinstance(absmax, torch.Tensor) and absmax.numel() and float(absmax[0]) != 0.0:
+            raise CheckFailure(f"absmax for {label}: block 0 is all zeros, a FULL block, and stores absmax 0",
+                               0.0, float(absmax[0]),
+                               "store the true max |x| of a full block, 0 here; clamp it to 1e-38 only for the "
+                               "division (the clamped value is stored for the last, partial block only)")
+        if i == len(PARITY_CASES) - 1 and isinstance(absmax, torch.Tensor) and absmax.numel() \
+                and float(absmax[-1]) != float(state.absmax[-1]):
+            raise CheckFailure(f"absmax for {label}: the last block is PARTIAL and all zeros; bitsandbytes "
+                               "stores its clamped absmax", float(state.absmax[-1]), float(absmax[-1]),
+                               "for the last, partial block store max(max |x|, 1e-38): bitsandbytes on CPU "
+                               "keeps the clamped divisor there (full blocks store their true max, 0 if empty)")
         expect_equal(f"absmax for {label}", absmax, state.absmax,
-                     hint="float32 max |x| per block of consecutive flat elements (blocks cross row ends)")
+                     hint="float32 max |x| per block of consecutive flat elements (blocks cross row ends); "
+                          "only the last, partial block stores max(max |x|, 1e-38)")
         expect_same_bytes(f"packed for {label}", packed, expected, blocksize)
 
 

@@ -199,10 +199,12 @@ def double_quantize_grid_in_float64(absmax, blocksize=256, rounding="grid"):
 
 
 @case("double_quantize", hint="a block whose constants all equal the mean has absmax2 = 0: store 0 (no clamp); "
-      "its scaled values 0 * (1 / 0) are NaN, which bitsandbytes' grid snap sends to grid point 0 (code 0)")
+      "its scaled values 0 * (1 / 0) are NaN: rounding='grid' sends them to grid point 0 (code 0, as bitsandbytes' "
+      "CPU kernel), rounding='nearest' treats them as the 0.0 they stand for (code 127, the map's 0.0)")
 def double_quantize_constant_block(impl):
     """Blocks of 256 constants all equal to the mean (an all-zero weight, or a run of equal constants): absmax2
-    is 0 and the codes are bitsandbytes' (grid point 0); rounding='nearest' must not fail on them either."""
+    is 0; with rounding='grid' the codes are bitsandbytes' (grid point 0), with rounding='nearest' the code of
+    0.0 (the centred value is exactly 0); both read back as the offset."""
     bnbf = bnb_functional()
     table = bnbf.create_dynamic_map(signed=True)
     equal_run = torch.cat([torch.ones(256), torch.tensor([0.5, 1.5] * 22)])  # mean exactly 1.0
@@ -216,6 +218,11 @@ def double_quantize_constant_block(impl):
                      hint="max |absmax - offset| per block, 0 for a constant block: do not clamp it")
         _expect_same_codes(f"codes of {label}", codes, expected)
         codes, _, absmax2 = impl.double_quantize(absmax, blocksize=256, rounding="nearest")
+        zero_code = int((table == 0).nonzero())  # 127: where bitsandbytes' signed map holds 0.0
+        _expect_same_codes(f"rounding='nearest' codes of {label} (each centred value is exactly 0.0)",
+                           codes[:256], torch.full((256,), zero_code, dtype=torch.uint8),
+                           hint="0 * (1 / 0) is NaN, and torch.bucketize puts NaN past the last midpoint (code "
+                                "255); turn the NaN into 0.0 first (nan_to_num) so it gets the code of 0.0")
         read_back = table[codes.long()] * absmax2.repeat_interleave(256)[:300] + offset
         expect_equal(f"{label} read back from rounding='nearest' codes (any code times absmax2 = 0 is 0)",
                      read_back[:256], torch.full((256,), float(offset)))
@@ -231,6 +238,12 @@ def double_quantize_clamps_absmax2(absmax, blocksize=256, rounding="grid"):
 def double_quantize_nan_not_handled(absmax, blocksize=256, rounding="grid"):
     """The NaN of a block whose constants all equal the mean is used as a grid index as it is."""
     return _double_quantize(absmax, blocksize, rounding, keep_nan=True)
+
+
+@mistake("double_quantize", caught_by=double_quantize_constant_block)
+def double_quantize_nearest_nan_to_255(absmax, blocksize=256, rounding="grid"):
+    """rounding='nearest' bucketizes the NaN of a constant block as it is: code 255 (1.0), not 127 (0.0)."""
+    return _double_quantize(absmax, blocksize, rounding, nearest_keeps_nan=True)
 
 
 @case("double_quantize", "dynamic_map", hint="rounding='nearest' must pick the closest dynamic-map value to "
@@ -387,7 +400,7 @@ def _dynamic_map(signed=True, *, float64=False, left_edges=False, exponent_rever
 
 def _double_quantize(absmax, blocksize=256, rounding="grid", *, centre=True, float64_mean=False,
                      whole_tensor=False, divide=False, grid_float64=False, unsigned=False, force=None,
-                     pad_first=False, clamp_absmax2=False, keep_nan=False):
+                     pad_first=False, clamp_absmax2=False, keep_nan=False, nearest_keeps_nan=False):
     """The reference ``double_quantize`` (with its argument checks) and one switch per mistake."""
     check_double_quantize_args(absmax, blocksize, rounding)
     rounding = force or rounding
@@ -412,7 +425,7 @@ def _double_quantize(absmax, blocksize=256, rounding="grid", *, centre=True, flo
         grid = (grid if keep_nan else grid.nan_to_num(0.0)).clamp(0, 65535).to(torch.int64)
         codes = qlora_edu.grid_lookup_table(code)[grid]
     else:
-        codes = torch.bucketize(scaled.nan_to_num(0.0), (code[:-1] + code[1:]) / 2)
+        codes = torch.bucketize(scaled if nearest_keeps_nan else scaled.nan_to_num(0.0), (code[:-1] + code[1:]) / 2)
     return codes.flatten()[:m].to(torch.uint8), offset, absmax2
 
 
