@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.qlora-edu-installed
 # Short mode for the long notebook runs (perplexity, training): same code, smaller budgets.
 SMOKE  ?= 1
 
-.PHONY: lab test test-gpu install lint exercises execute check-exercises bench book
+.PHONY: lab test test-gpu install lint exercises execute check-exercises bench book test-browser
 
 install:
 	@bash scripts/install.sh
@@ -46,5 +46,23 @@ test-gpu:
 	$(PYTHON_GPU) -m pytest -m gpu -p no:cacheprovider tests/test_01_absmax.py tests/test_02_nf4.py \
 		tests/test_03_double_quant.py
 
+# Speed side by side with the reference libraries (each prints its ratio): NF4 (de)quantization vs bitsandbytes,
+# the optimizers vs torch / bitsandbytes, a QLoRA training step vs peft + bitsandbytes.
 bench: install
 	$(PY) benchmarks/bench_nf4.py
+	$(PY) benchmarks/bench_optimizers.py
+	$(PY) benchmarks/bench_qlora.py
+
+# The book (Jupyter Book 1, offline, warnings are errors) -> jupyter_book/_build/html. Installs the `book` extra once.
+book: install
+	@bash scripts/install_browser.sh --no-browser
+	$(PY) scripts/build_book.py --clean
+
+# The built book and JupyterLab in headless Chromium (Debian's chromium, apt-get installed when missing).
+# Two workers: the book's pages in one, JupyterLab running chapter 1 (mostly kernel time) in the other. These tests
+# need neither tests/conftest.py (it imports torch) nor the notebook plugins: --confcutdir and -p no:... skip them
+# (15 s less start-up a process on a busy machine). Screenshots: jupyter_book/_build/screenshots/.
+test-browser: book
+	@bash scripts/install_browser.sh
+	OMP_NUM_THREADS=1 QLORA_EDU_SMOKE=$(SMOKE) $(PY) -m pytest -m browser -n 2 --dist loadfile \
+		--confcutdir=tests/browser -p no:cacheprovider -p no:nbval -p no:hypothesispytest -p no:anyio tests/browser

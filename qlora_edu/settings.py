@@ -7,6 +7,7 @@
 | ``QLORA_EDU_DTYPE`` | :func:`dtype_override` | force ``float32``, ``bfloat16`` or ``float16`` |
 | ``QLORA_EDU_MODEL`` | :func:`model_override` | a hub id or local folder instead of the bundled model |
 | ``QLORA_EDU_CACHE`` | :func:`cache_override` | the folder of the converted bundled model |
+| ``NO_COLOR`` | :func:`no_color` | any non-empty value: no ANSI colours in terminal reports (https://no-color.org) |
 
 The long runs (perplexity over many tokens, training) ask :func:`pick` for their budget: ``make test`` and CI
 set ``QLORA_EDU_SMOKE=1``; ``make execute`` runs the full version the committed notebooks show, and each notebook
@@ -24,6 +25,7 @@ DEVICE_ENV = "QLORA_EDU_DEVICE"
 DTYPE_ENV = "QLORA_EDU_DTYPE"
 MODEL_ENV = "QLORA_EDU_MODEL"
 CACHE_ENV = "QLORA_EDU_CACHE"
+NO_COLOR_ENV = "NO_COLOR"
 
 
 def _read(name: str) -> str | None:
@@ -62,3 +64,9 @@ def model_override() -> str | None:
 def cache_override() -> str | None:
     """``QLORA_EDU_CACHE``: where the converted bundled model is kept, or None for the default."""
     return _read(CACHE_ENV)
+
+
+def no_color() -> bool:
+    """True when ``NO_COLOR`` is set to a non-empty value (the no-color.org convention): reports such as
+    ``python -m qlora_edu doctor`` then print no ANSI colour codes, even on a terminal."""
+    return bool(os.environ.get(NO_COLOR_ENV, ""))

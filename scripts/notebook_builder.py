@@ -169,6 +169,8 @@ def _keep_outputs(new: nbformat.NotebookNode, old_path: Path) -> None:
         prev = old.get((c.get("id"), c.source))
         if c.cell_type == "code" and prev is not None:
             c.outputs, c.execution_count = prev.outputs, prev.execution_count
+            if "execution" in prev.get("metadata", {}):  # the recorded run time (the book's agendas read it)
+                c.metadata["execution"] = prev.metadata["execution"]
     new.metadata = {**nbformat.read(old_path, as_version=4).metadata, **new.metadata}
 
 

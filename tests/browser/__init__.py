@@ -1,0 +1,1 @@
+"""Browser tests (headless Chromium): the built book and JupyterLab. See conftest.py."""

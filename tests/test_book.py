@@ -1,0 +1,201 @@
+"""The book's sources (jupyter_book/): the table of contents lists every notebook of the course, and the
+configuration keeps the book offline. Fast and without Jupyter Book installed; `make book` builds it (warnings are
+errors) and `make test-browser` checks the built pages in a browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+BOOK = ROOT / "jupyter_book"
+TOC = BOOK / "_toc.yml"
+CONFIG = BOOK / "_config.yml"
+# Each notebook folder and the part of the book that holds it.
+PARTS = {"notebooks": "Lessons", "exercises": "Exercises", "solutions": "Solutions"}
+
+
+def expand_glob(pattern: str) -> list[str]:
+    """The documents a toc ``glob:`` entry takes, as Sphinx matches it (``*`` and ``[0-9]`` stay within one folder):
+    every ``.ipynb`` / ``.md`` under the repository whose path without its suffix matches, sorted."""
+    found = {p.relative_to(ROOT).with_suffix("").as_posix() for suffix in (".ipynb", ".md")
+             for p in ROOT.glob(pattern + suffix) if p.is_file()}
+    return sorted(found)
+
+
+def toc_entries(toc: dict) -> dict[str, str]:
+    """``{document: part caption}`` for every chapter of a jb-book table of contents, its ``glob:`` entries
+    expanded (the root maps to "")."""
+    entries = {toc["root"]: ""}
+    for part in toc.get("parts", []):
+        for chapter in part.get("chapters", []):
+            for item in [chapter, *chapter.get("sections", [])]:
+                names = [item["file"]] if "file" in item else expand_glob(item["glob"])
+                entries.update(dict.fromkeys(names, part.get("caption", "")))
+    return entries
+
+
+def missing_from_toc(toc: dict) -> list[str]:
+    """Every notebook in notebooks/, exercises/, solutions/ that the toc does not list, or lists in the wrong part."""
+    entries = toc_entries(toc)
+    problems = []
+    for folder, caption in PARTS.items():
+        for nb in sorted((ROOT / folder).glob("*.ipynb")):
+            name = f"{folder}/{nb.stem}"
+            if name not in entries:
+                problems.append(f"{name} is not in jupyter_book/_toc.yml (name it NN_name.ipynb like the others, "
+                                f"or list it under the part '{caption}')")
+            elif entries[name] != caption:
+                problems.append(f"{name} is in the part '{entries[name]}', not '{caption}'")
+    return problems
+
+
+def load_toc() -> dict:
+    return yaml.safe_load(TOC.read_text())
+
+
+def test_every_notebook_is_in_the_table_of_contents():
+    """Each part takes its folder's NN_name notebooks by a glob: a notebook named otherwise (``4_memory``,
+    ``04-memory``) would be left out of the book silently; this names it."""
+    assert missing_from_toc(load_toc()) == []
+
+
+def test_every_exercise_and_solution_has_its_lesson():
+    """An exercise links back to its lesson (../notebooks/NN_name.ipynb): without the lesson the book build fails
+    with "cross-reference target not found". Commit a chapter's three notebooks together."""
+    lessons = {p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
+    orphans = [f"{folder}/{p.name}" for folder in ("exercises", "solutions")
+               for p in sorted((ROOT / folder).glob("[0-9][0-9]_*.ipynb")) if p.stem not in lessons]
+    assert not orphans, f"no lesson notebooks/NN_name.ipynb for {orphans}"
+
+
+def test_the_globs_take_the_chapters_and_nothing_else():
+    assert expand_glob("notebooks/[0-9][0-9]_*")[:2] == ["notebooks/00_tour", "notebooks/01_absmax"]
+    assert all(not name.startswith("exercises/src/") for name in expand_glob("exercises/[0-9][0-9]_*"))
+
+
+def test_the_check_catches_a_missing_chapter():
+    toc = load_toc()
+    lessons = next(p for p in toc["parts"] if p["caption"] == "Lessons")
+    dropped = toc_entries({"root": "", "parts": [{"chapters": [lessons["chapters"].pop()]}]})
+    assert dropped and all(any(p.startswith(f"{name} is not in") for p in missing_from_toc(toc))
+                           for name in dropped if name)
+
+
+def test_every_toc_entry_exists_and_has_a_title():
+    """A missing file fails the build; a page without a heading gets no title in the sidebar."""
+    for entry in toc_entries(load_toc()):
+        matches = [p for p in (ROOT / f"{entry}.ipynb", ROOT / f"{entry}.md") if p.is_file()]
+        assert matches, f"_toc.yml lists {entry}, which does not exist"
+        text = matches[0].read_text(encoding="utf-8")
+        assert re.search(r'^#\s+\S|"#\s+\S', text, re.M), f"{entry} has no top-level heading (# Title)"
+
+
+def test_every_notebook_names_its_language():
+    """The book highlights code by the notebook's kernel metadata (a notebook without it fails the build, "No
+    source code lexer"), and JupyterLab asks a learner to pick a kernel for a notebook without it."""
+    missing = []
+    for entry in toc_entries(load_toc()):
+        path = ROOT / f"{entry}.ipynb"
+        if path.is_file():
+            meta = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+            if not (meta.get("kernelspec") or meta.get("language_info")):
+                missing.append(entry)
+    assert not missing, f"no kernelspec/language_info metadata (run `make execute` on them): {missing}"
+
+
+def test_the_configuration_keeps_the_book_offline_and_static():
+    config = yaml.safe_load(CONFIG.read_text())
+    assert config["execute"]["execute_notebooks"] == "off", "the book renders the committed outputs"
+    sphinx = config["sphinx"]["config"]
+    assert "sphinx-mathjax-offline" in sphinx["extensions"], "math must come from the bundled MathJax"
+    assert "sphinx_thebe" not in sphinx["extensions"]
+    assert sphinx["nb_ipywidgets_js"] == {}, "myst-nb would load the widget manager from a CDN"
+    assert config["launch_buttons"]["thebe"] is False
+    assert not re.search(r"https?://", yaml.safe_dump(config)), \
+        "no URL in the book's configuration: nothing may be fetched at build or read time"
+
+
+def test_glossary_defines_the_course_terms():
+    text = (BOOK / "glossary.md").read_text()
+    block = re.search(r"```\{glossary\}\n(.*?)\n```", text, re.S)
+    assert block, "the glossary is a Sphinx glossary directive"
+    terms = set(re.findall(r"^(\S.*)$", block.group(1), re.M))
+    needed = {"NF4", "absmax", "block", "block size", "double quantization", "LoRA", "LoRA rank", "alpha",
+              "paged optimizer", "quantization constant", "bf16", "compute dtype", "gradient checkpointing"}
+    assert needed <= terms, f"missing: {sorted(needed - terms)}"
+
+
+def test_generated_tables_list_every_lesson(tmp_path):
+    """The landing page's course map and the guide's run times: one row per lesson, times from the notebooks."""
+    from qlora_edu.doctor import chapter_facts, format_seconds
+
+    course_map, run_times = _course_book().write_generated(tmp_path)[:2]
+    facts = chapter_facts(ROOT)
+    rows = [ln for ln in course_map.read_text().splitlines()[2:] if ln.startswith("|")]
+    assert len(rows) == len(facts) > 0
+    for row, f in zip(rows, facts, strict=True):
+        assert f"](../notebooks/{f.stem}.ipynb)" in row
+        if f.recorded_device == "cpu":
+            assert f"| {format_seconds(f.lesson_seconds)} | not measured |" in row
+    assert len([ln for ln in run_times.read_text().splitlines()[2:] if ln.startswith("|")]) == len(facts)
+
+
+@pytest.mark.parametrize(("page", "table"), [("intro.md", "course_map"), ("instructor_guide.md", "run_times"),
+                                             ("instructor_guide.md", "agenda_half_day"),
+                                             ("instructor_guide.md", "agenda_full_day")])
+def test_pages_include_the_generated_tables(page, table):
+    assert f"{{include}} _build/generated/{table}.md" in (BOOK / page).read_text()
+
+
+def _course_book():
+    sys.path.insert(0, str(BOOK / "_ext"))
+    try:
+        import course_book
+    finally:
+        sys.path.remove(str(BOOK / "_ext"))
+    return course_book
+
+
+def test_widget_views_a_learner_works_become_the_note():
+    """The book cannot run widgets: an interact block, a bare slider or a box holding a dropdown becomes the note
+    (``make lab``); a progress bar (a box of HTML and a FloatProgress) is dropped; an unknown model is a note."""
+    has_control = _course_book()._has_control
+    models = {
+        "interact": {"model_name": "VBoxModel", "state": {"_dom_classes": ["widget-interact"], "children": []}},
+        "slider": {"model_name": "IntSliderModel", "state": {}},
+        "box": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_label", "IPY_MODEL_drop"]}},
+        "label": {"model_name": "HTMLModel", "state": {}},
+        "drop": {"model_name": "DropdownModel", "state": {}},
+        "bar": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_label", "IPY_MODEL_progress"]}},
+        "progress": {"model_name": "FloatProgressModel", "state": {}},
+        "loop": {"model_name": "VBoxModel", "state": {"children": ["IPY_MODEL_loop"]}},
+    }
+    assert [has_control(m, models) for m in ("interact", "slider", "box", "drop")] == [True] * 4
+    assert [has_control(m, models) for m in ("bar", "progress", "label", "loop")] == [False] * 4
+
+
+def test_agenda_times_come_from_the_recorded_runs():
+    """Start times add up the planned slots; the machine time is the recorded lesson + solution run; a slot whose
+    runs take over half of it warns; a chapter with no notebooks yet says so."""
+    from qlora_edu.doctor import ChapterFacts
+
+    def fact(stem, lesson_s, solution_s):
+        return ChapterFacts(stem=stem, number=int(stem[:2]), title=stem, lesson=ROOT / f"notebooks/{stem}.ipynb",
+                            exercise=None, solution=ROOT / "x.ipynb" if solution_s is not None else None,
+                            builds=None, checked_against=None, lesson_seconds=lesson_s, solution_seconds=solution_s,
+                            recorded_on=None, recorded_device="cpu", path_note=None, follows_machine=False)
+
+    slots = [(15, "Setup", [], ""), (20, "One", ["01_a:lesson", "01_a:solution"], "note"),
+             (10, "Long", ["02_b:lesson"], ""), (30, "Later", ["03_c:lesson"], "")]
+    text = _course_book().agenda_markdown([fact("01_a", 30.0, 15.0), fact("02_b", 400.0, None)], slots)
+    rows = [ln.split(" | ") for ln in text.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["| 0:00", "| 0:15", "| 0:35", "| 0:45", "| 1:15"]
+    assert rows[1][3] == "30 s lesson + 15 s solution" and rows[1][4] == "note |"
+    assert rows[2][3] == "6.7 min lesson" and "over half the slot" in rows[2][4]
+    assert "not in the course yet (03_c)" in rows[3][3]
