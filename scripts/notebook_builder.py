@@ -73,11 +73,18 @@ def exercise_version(source: str) -> str:
     out: list[str] = []
     lines = source.splitlines(keepends=True)
     inside, func, hinted = False, "this task", False  # a region outside any function is a task cell
+    cls = None  # the class whose methods we are in, if any
     for ln in lines:
         stripped = ln.strip()
-        m = re.match(r"\s*def (\w+)\(", ln)
-        if m and not inside:
-            func = m.group(1)
+        # Name the region after its top-level function or method (``Class.method``), not a helper nested in it.
+        top = re.match(r"(class|def) (\w+)", ln)
+        method = re.match(r" {4}def (\w+)\(", ln)
+        if top:
+            cls = top.group(2) if top.group(1) == "class" else None
+        if not inside and top and top.group(1) == "def":
+            func = top.group(2)
+        elif not inside and method and cls:
+            func = f"{cls}.{method.group(1)}"
         if stripped == BEGIN:
             if inside:
                 raise ValueError(f"{func}: nested {BEGIN}")
