@@ -35,8 +35,8 @@ def code_cells(path: str | Path) -> list[dict]:
 
 
 def defined_functions(source: str) -> list[str]:
-    """Names of the top-level functions a cell defines."""
-    return [n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef)]
+    """Names of the top-level functions and classes a cell defines (chapter 6's learner writes a class)."""
+    return [n.name for n in ast.parse(source).body if isinstance(n, ast.FunctionDef | ast.ClassDef)]
 
 
 def exercise_function_names(path: str | Path) -> list[str]:
