@@ -44,7 +44,7 @@ check-exercises: install
 PYTHON_GPU ?= $(PY)
 test-gpu:
 	$(PYTHON_GPU) -m pytest -m gpu -p no:cacheprovider tests/test_01_absmax.py tests/test_02_nf4.py \
-		tests/test_03_double_quant.py tests/test_07_qlora.py
+		tests/test_03_double_quant.py tests/test_07_qlora.py tests/test_08_finetune.py
 
 # Speed side by side with the reference libraries (each prints its ratio): NF4 (de)quantization vs bitsandbytes,
 # the optimizers vs torch / bitsandbytes, a QLoRA training step vs peft + bitsandbytes.
