@@ -9,6 +9,11 @@ import json
 import subprocess
 import sys
 
+# The doctor imports bitsandbytes, in some tests with torch.cuda faked or the package hidden. Were that the first
+# import in this process, the failed import would leave its submodules cached, and the next `import bitsandbytes`
+# would build a module without `.nn`: later test files in the same pytest worker would then fail. Imported here,
+# first, the package stays whole.
+import bitsandbytes  # noqa: F401
 import pytest
 import torch
 
