@@ -40,3 +40,24 @@ def notebook_impl():
         return cache[path]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A folder holding a 2-layer random Llama with the course model's real tokenizer (chapters 8 and 9 train and
+    generate with it in seconds). Every dimension a multiple of 64: bitsandbytes 0.50.2 dequantizes some other
+    shapes wrongly on AVX512 CPUs; the real vocabulary, so the real tokenizer and chat template work."""
+    from transformers import LlamaForCausalLM
+
+    from qlora_edu.instruct_data import load_tokenizer
+    from qlora_edu.qlora import tiny_llama_config
+
+    config = tiny_llama_config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                               num_key_value_heads=2, head_dim=32, max_position_embeddings=256, bos_token_id=1,
+                               eos_token_id=2, pad_token_id=2)
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    with torch.random.fork_rng(devices=[]):  # leave the tests' random state as it was
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(path)
+    load_tokenizer().save_pretrained(path)
+    return path

@@ -297,27 +297,6 @@ def test_atomic_directory_recovers_from_a_crash_between_the_renames(tmp_path, mo
 # The pipeline on a tiny random Llama with SmolLM2's tokenizer
 
 
-def _tiny_config():
-    from qlora_edu.qlora import tiny_llama_config
-
-    # every dimension a multiple of 64 (bitsandbytes 0.50.2 dequantizes some other shapes wrongly on AVX512 CPUs);
-    # the real vocabulary, so the real tokenizer and chat template work
-    return tiny_llama_config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                             num_key_value_heads=2, head_dim=32, max_position_embeddings=256, bos_token_id=1,
-                             eos_token_id=2, pad_token_id=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    from transformers import LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(_tiny_config()).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 TINY = FinetuneConfig(steps=5, batch_size=2, lora_r=4, lora_alpha=8.0, learning_rate=1e-2, save_every=2)
 
 

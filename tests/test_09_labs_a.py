@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from qlora_edu.instruct_data import load_dataset, load_tokenizer
+from qlora_edu.instruct_data import load_dataset
 
 SCRIPT = ROOT / "scripts" / "labs" / "labs_a.py"
 
@@ -34,24 +34,7 @@ MiB = 2**20
 
 
 # ----------------------------------------------------------------------------------------------
-# Fixtures: a tiny random Llama with the real tokenizer, and one smoke run of each lab
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    from transformers import LlamaForCausalLM
-
-    from qlora_edu.qlora import tiny_llama_config
-
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    # every dimension a multiple of 64 (bitsandbytes' CPU 4-bit kernels), the real vocabulary (the real tokenizer)
-    config = tiny_llama_config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                               num_key_value_heads=2, head_dim=32, max_position_embeddings=256, bos_token_id=1,
-                               eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    load_tokenizer().save_pretrained(path)
-    return path
+# Fixtures: one smoke run of each lab on the tiny random Llama of tests/conftest.py
 
 
 @pytest.fixture(scope="module")

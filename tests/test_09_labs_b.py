@@ -34,26 +34,6 @@ def _load_labs():
 labs_b = _load_labs()
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer random Llama (every dimension a multiple of 64: bitsandbytes 0.50.2's CPU dequantization is wrong
-    for some other shapes) with the real vocabulary, so the real tokenizer and chat template work."""
-    from transformers import LlamaForCausalLM
-
-    from qlora_edu.instruct_data import load_tokenizer
-    from qlora_edu.qlora import tiny_llama_config
-
-    config = tiny_llama_config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                               num_key_value_heads=2, head_dim=32, max_position_embeddings=256, bos_token_id=1,
-                               eos_token_id=2, pad_token_id=2)
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(path)
-    load_tokenizer().save_pretrained(path)
-    return path
-
-
 def _run(lab, model_dir, out):
     path = labs_b.run(lab, smoke=True, out=out, model_name=str(model_dir), progress=False)
     assert path == out / labs_b.RESULT_FILES[lab]
