@@ -10,8 +10,8 @@ On a size x size bf16 matrix (4096 x 4096 by default), in one process:
 
 For comparison (no target) it also times the lesson's one-pass ``quantize_4bit`` / ``dequantize_4bit``
 (the functions a learner writes in exercise 2) against the same bitsandbytes calls without double
-quantization: the gap between those rows and the first two is what ``qlora_edu/fast4bit.py`` buys.
-The timing is ``qlora_edu.benchmarking.interleaved_medians``, the same as chapter 3's timing cell.
+quantization: the gap between those rows and the first two is what ``qlora_edu/ch02_nf4/fast4bit.py`` buys.
+The timing is ``qlora_edu.common.benchmarking.interleaved_medians``, the same as chapter 3's timing cell.
 
 Each pair runs interleaved (ours, theirs, ours, theirs, ...) after a warm-up, so that a noisy neighbour
 slows both alike; the table shows the medians and ratio = ours / bitsandbytes. Targets: quantize ratio
@@ -28,10 +28,10 @@ import sys
 
 import torch
 
-from qlora_edu.benchmarking import interleaved_medians
-from qlora_edu.nf4 import nf4_code
-from qlora_edu.nf4_tensor import dequantize_nf4, quantize_nf4
-from qlora_edu.quant4bit import dequantize_4bit, quantize_4bit
+from qlora_edu.ch02_nf4.nf4 import nf4_code
+from qlora_edu.ch02_nf4.quant4bit import dequantize_4bit, quantize_4bit
+from qlora_edu.ch03_double_quant.nf4_tensor import dequantize_nf4, quantize_nf4
+from qlora_edu.common.benchmarking import interleaved_medians
 
 TARGETS = {"quantize": 1.0, "dequantize": 2.0}
 

@@ -5,14 +5,14 @@
 The parameters are the LoRA adapters of the course model (SmolLM2-135M: hidden 576, 3 KV heads of 64,
 MLP 1536) at rank ``--rank`` on all seven projections of ``--layers`` layers (30 layers at r = 16:
 4.88 M parameters, as in the chapter's training run). Pairs, timed interleaved after a warm-up
-(``qlora_edu.benchmarking.compare_timings``):
+(``qlora_edu.common.benchmarking.compare_timings``):
 
-* ``qlora_edu.optim.AdamW`` vs ``torch.optim.AdamW(foreach=False)`` (ratio = ours / torch);
-* ``qlora_edu.optim.AdamW8bit`` vs ``bitsandbytes.optim.AdamW8bit`` (ratio = ours / bitsandbytes).
+* ``qlora_edu.ch05_optimizers.optim.AdamW`` vs ``torch.optim.AdamW(foreach=False)`` (ratio = ours / torch);
+* ``qlora_edu.ch05_optimizers.optim.AdamW8bit`` vs ``bitsandbytes.optim.AdamW8bit`` (ratio = ours / bitsandbytes).
 
 Before timing, one step of each pair is checked to give the same parameters (bit for bit for 8-bit,
 within 1e-6 for AdamW); then the state bytes of all four are printed from their real tensors
-(``qlora_edu.optim.state_bytes``). No targets: this reports, it does not gate.
+(``qlora_edu.ch05_optimizers.optim.state_bytes``). No targets: this reports, it does not gate.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import logging
 
 import torch
 
-from qlora_edu.benchmarking import compare_timings
-from qlora_edu.optim import AdamW, AdamW8bit, first_difference, state_bytes, state_bytes_per_param
+from qlora_edu.ch05_optimizers.optim import AdamW, AdamW8bit, first_difference, state_bytes, state_bytes_per_param
+from qlora_edu.common.benchmarking import compare_timings
 
 
 def lora_shapes(layers: int, rank: int, hidden: int = 576, kv: int = 192, mlp: int = 1536) -> list[tuple[int, int]]:

@@ -1,4 +1,4 @@
-"""One QLoRA training step, ours (qlora_edu.qlora.apply_qlora) next to peft + bitsandbytes, in one process.
+"""One QLoRA training step, ours (qlora_edu.ch07_qlora.qlora.apply_qlora) next to peft + bitsandbytes, in one process.
 
     .venv/bin/python benchmarks/bench_qlora.py [--repeats 7] [--batch 8] [--seq 32] [--profile] [--strict]
     .venv/bin/python benchmarks/bench_qlora.py --gpu        # Llama-7B shape, needs a CUDA GPU
@@ -26,7 +26,7 @@ losses are printed: they start from the same NF4 bytes with B = 0, so they must 
 Reported: median step time of each over ``--repeats`` interleaved steps (ours, theirs, ours, ...) after 2 warm-up
 steps each, and the ratio ours / theirs (target <= 1.5), also as process CPU time (steadier when other processes
 share the cores); then the peak bytes autograd holds for backward during one
-step (:class:`qlora_edu.qlora.SavedTensorLog`, parameters excluded; target: ours no higher). Checkpointing is
+step (:class:`qlora_edu.ch07_qlora.qlora.SavedTensorLog`, parameters excluded; target: ours no higher). Checkpointing is
 reentrant on both sides because the non-reentrant kind hides the recomputed layer's saved tensors from hooks.
 Then how much of our step is 4-bit dequantization (every ``dequantize_nf4`` call timed), and with ``--profile``
 the top operators of one step of each side (``torch.profiler``).
@@ -56,9 +56,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qlora_edu import qlora
-from qlora_edu.lora import LLAMA_TARGETS, count_parameters, lora_parameters
-from qlora_edu.qlora import SavedTensorLog, apply_bnb_4bit, apply_qlora
+from qlora_edu.ch07_qlora import qlora
+from qlora_edu.ch06_lora.lora import LLAMA_TARGETS, count_parameters, lora_parameters
+from qlora_edu.ch07_qlora.qlora import SavedTensorLog, apply_bnb_4bit, apply_qlora
 
 CPU_TARGETS = {"time_ratio": 1.5}
 GPU_TARGETS = {"time_ratio": 1.2}
@@ -165,7 +165,7 @@ def profile(step: Callable[[], float], label: str, rows: int = 12) -> None:
 
 
 def build_cpu(side: str, r: int, alpha: float):
-    from qlora_edu.base_model import load_base_model
+    from qlora_edu.common.base_model import load_base_model
 
     if side == "ours":
         model, _ = load_base_model(progress=False)

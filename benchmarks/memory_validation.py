@@ -1,4 +1,4 @@
-"""Chapter 4's memory model (qlora_edu.memory), predicted vs measured.
+"""Chapter 4's memory model (qlora_edu.ch04_memory.memory), predicted vs measured.
 
     .venv/bin/python benchmarks/memory_validation.py [--course] [--no-cpu] [--write]
 
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from qlora_edu.memory import llama_config, training_memory
-from qlora_edu.memory_probe import (
+from qlora_edu.ch04_memory.memory import llama_config, training_memory
+from qlora_edu.ch04_memory.memory_probe import (
     build_training_model,
     course_training_model,
     gpu_facts_config,

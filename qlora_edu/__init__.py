@@ -3,19 +3,21 @@
 Every function a learner writes in the exercises lives here, under the same name, and is checked by
 the same test battery (:mod:`qlora_edu.checks`) against bitsandbytes, peft and torch.
 
-One concept a module; the chapter that teaches it in brackets:
+One package a chapter, named as the chapter's notebooks are (``ch02_nf4`` for ``notebooks/02_nf4.ipynb``):
 
-* :mod:`~qlora_edu.absmax` (1) absmax block quantization to signed integers
-* :mod:`~qlora_edu.nf4` (2) the NF4, FP4 and Int4 code tables; :mod:`~qlora_edu.packing` two codes a byte;
-  :mod:`~qlora_edu.quant4bit` blockwise 4-bit quantization; :mod:`~qlora_edu.fast4bit` the same, fast, per device
-* :mod:`~qlora_edu.double_quant` (3) quantizing the constants; :mod:`~qlora_edu.nf4_tensor` a weight as QLoRA
-  stores it; :mod:`~qlora_edu.storage` bits per parameter and gigabytes
-* :mod:`~qlora_edu.memory` (4), :mod:`~qlora_edu.optim` and :mod:`~qlora_edu.paging` (5),
-  :mod:`~qlora_edu.lora` (6), :mod:`~qlora_edu.qlora` (7), :mod:`~qlora_edu.finetune` (8), as they are written
+* :mod:`~qlora_edu.ch01_absmax` absmax block quantization to signed integers
+* :mod:`~qlora_edu.ch02_nf4` the NF4, FP4 and Int4 code tables, packing, blockwise 4-bit quantization (and a fast
+  path per device)
+* :mod:`~qlora_edu.ch03_double_quant` quantizing the constants, ``NF4Tensor``, bits per parameter
+* :mod:`~qlora_edu.ch04_memory` the memory formula and the probes that measure it
+* :mod:`~qlora_edu.ch05_optimizers` AdamW, 8-bit AdamW, paging
+* :mod:`~qlora_edu.ch06_lora` LoRA; :mod:`~qlora_edu.ch07_qlora` QLoRA from scratch;
+  :mod:`~qlora_edu.ch08_finetune` the fine-tune; :mod:`~qlora_edu.ch09_labs` the labs
 
-and around them: :mod:`~qlora_edu.base_model` (the offline SmolLM2-135M base model), :mod:`~qlora_edu.device`
-(which device and dtype a notebook runs on), :mod:`~qlora_edu.settings` (the environment variables, read in one
-place), :mod:`~qlora_edu.validation` (argument checks), :mod:`~qlora_edu.checks` (the test battery).
+Each chapter package holds its teaching module(s), its guards (``guards.py``), its test battery (``checks.py``)
+and an ``__init__.py`` whose ``CHAPTER`` declares the chapter's facts. Code every chapter shares lives in
+:mod:`~qlora_edu.common` (settings, device, base model, progress bars, guard primitives, the chapter manifests,
+the reference facts, the pre-flight check); :mod:`~qlora_edu.checks` runs the batteries.
 
 ``from qlora_edu import quantize_nf4`` works for every public name of every module: each module lists its
 public names in ``__all__``, and the package imports a module the first time one of its names is asked for.
@@ -37,16 +39,16 @@ _HERE = Path(__file__).resolve().parent
 
 @cache
 def _public_names() -> dict[str, str]:
-    """``{name: module}`` for every name in the ``__all__`` of a top-level module of the package.
+    """``{name: module}`` for every name in the ``__all__`` of a module of a chapter package or of ``common``.
 
     Read from the source files with :mod:`ast` rather than by importing them: importing ``base_model`` alone
     loads transformers (seconds), and a learner asking for ``absmax_quantize`` should not pay for that.
     """
     index: dict[str, str] = {}
-    for path in sorted(_HERE.glob("*.py")):
+    for path in sorted([*_HERE.glob("ch[0-9][0-9]_*/*.py"), *_HERE.glob("common/*.py")]):
         if path.name.startswith("_"):
             continue
-        module = f"{__name__}.{path.stem}"
+        module = f"{__name__}.{path.parent.name}.{path.stem}"
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
                 for name in ast.literal_eval(node.value):

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, what in COMMANDS.items():
             print(f"  {name:8s} {what}")
         return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
-    from qlora_edu.doctor import run_doctor
+    from qlora_edu.common.doctor import run_doctor
 
     return run_doctor(argv[1:])
 

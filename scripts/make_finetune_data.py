@@ -1,5 +1,6 @@
-"""Write chapter 8's data set: ``qlora_edu/data/orders_train.jsonl`` (2,000 examples) and
-``qlora_edu/data/orders_heldout.jsonl`` (200), deterministically (:func:`qlora_edu.instruct_data.generate_dataset`).
+"""Write chapter 8's data set: ``qlora_edu/ch08_finetune/data/orders_train.jsonl`` (2,000 examples) and
+``qlora_edu/ch08_finetune/data/orders_heldout.jsonl`` (200), deterministically
+(:func:`qlora_edu.ch08_finetune.instruct_data.generate_dataset`).
 
     python scripts/make_finetune_data.py            # (re)write the committed files
     python scripts/make_finetune_data.py --check    # exit 1 if the committed files differ from a fresh generation
@@ -12,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qlora_edu.instruct_data import DATA_DIR, write_dataset
+from qlora_edu.ch08_finetune.instruct_data import DATA_DIR, write_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

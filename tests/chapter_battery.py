@@ -2,7 +2,7 @@
 
     test_battery_on_package, test_battery_on_solution, test_known_mistake_is_caught = battery_tests("02_nf4")
 
-* every case of ``qlora_edu/checks/02_nf4.py`` passes on the package,
+* every case of ``qlora_edu/ch02_nf4/checks.py`` passes on the package,
 * and on the functions of ``solutions/02_nf4.ipynb`` (the notebook generated from the same source),
 * and every known mistake declared there makes ``check`` fail, with the case it names marked FAIL.
 """

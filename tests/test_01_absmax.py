@@ -1,4 +1,4 @@
-"""Chapter 1, absmax block quantization: the chapter's battery (qlora_edu/checks/01_absmax.py) on the package and
+"""Chapter 1, absmax block quantization: the chapter's battery (qlora_edu/ch01_absmax/checks.py) on the package and
 on the solution notebook, its known mistakes caught, device handling, and how a failing check reports."""
 
 from __future__ import annotations

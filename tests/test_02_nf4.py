@@ -1,9 +1,9 @@
-"""Chapter 2, the NF4 data type: the chapter's battery (qlora_edu/checks/02_nf4.py) on the package and on the
+"""Chapter 2, the NF4 data type: the chapter's battery (qlora_edu/ch02_nf4/checks.py) on the package and on the
 solution notebook, its known mistakes caught, and the broad parity sweeps of the code tables, packing and
 quantize_4bit / dequantize_4bit against bitsandbytes 0.50.2 on CPU, with property tests and bad input.
 
-The 4-bit tests run twice: on the lesson's one-pass functions (qlora_edu.quant4bit) and on the fast ones that
-quantize_nf4 / dequantize_nf4 use (qlora_edu.fast4bit). The `gpu` tests check that the same functions give the
+The 4-bit tests run twice: on the lesson's one-pass functions (qlora_edu.ch02_nf4.quant4bit) and on the fast ones that
+quantize_nf4 / dequantize_nf4 use (qlora_edu.ch02_nf4.fast4bit). The `gpu` tests check that the same functions give the
 same bytes and values on CUDA; they need only torch, bitsandbytes, pytest and hypothesis (`make test-gpu`)."""
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from qlora_edu import (
     absmax_quantize,
     dequantize_4bit,
     dequantize_nf4,
-    fast4bit,
     fp4_code,
     int4_code,
     nf4_code,
@@ -31,10 +30,11 @@ from qlora_edu import (
     quantize_4bit,
     unpack_4bit,
 )
+from qlora_edu.ch02_nf4 import fast4bit
+from qlora_edu.ch02_nf4.fast4bit import dequantize_4bit_fast, quantize_4bit_fast
 from qlora_edu.checks import property_settings
-from qlora_edu.fast4bit import dequantize_4bit_fast, quantize_4bit_fast
 
-checks = importlib.import_module("qlora_edu.checks.02_nf4")
+checks = importlib.import_module("qlora_edu.ch02_nf4.checks")
 NF4_TABLE, FP4_MAGNITUDES = checks.NF4_TABLE, checks.FP4_MAGNITUDES
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # no warning about the optional `kernels` package

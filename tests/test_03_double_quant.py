@@ -1,7 +1,8 @@
-"""Chapter 3, double quantization: the chapter's battery (qlora_edu/checks/03_double_quant.py) on the package and
+"""Chapter 3, double quantization: the chapter's battery (qlora_edu/ch03_double_quant/checks.py) on the package and
 on the solution notebook, its known mistakes caught, and the parity sweeps against bitsandbytes 0.50.2 on CPU:
 the dynamic map, the 65536-point grid rounding, codes / offset / absmax2 of compress_statistics=True,
-dequantization, the grid-vs-nearest rate, bad input; NF4Tensor; the storage arithmetic (qlora_edu.storage).
+dequantization, the grid-vs-nearest rate, bad input; NF4Tensor; the storage arithmetic
+(qlora_edu.ch03_double_quant.storage).
 The `gpu` tests check NF4 storage on CUDA against the CPU and against bitsandbytes' CUDA kernel."""
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from qlora_edu import (
     rounding_mismatch_rate,
     total_params,
 )
+from qlora_edu.ch03_double_quant.double_quant import grid_lookup_table
+from qlora_edu.ch03_double_quant.storage import GB, LlamaShape
 from qlora_edu.checks import property_settings
-from qlora_edu.double_quant import grid_lookup_table
-from qlora_edu.storage import GB, LlamaShape
 
-checks = importlib.import_module("qlora_edu.checks.03_double_quant")
+checks = importlib.import_module("qlora_edu.ch03_double_quant.checks")
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # no warning about the optional `kernels` package
 bnbf = pytest.importorskip("bitsandbytes.functional")

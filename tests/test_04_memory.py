@@ -1,4 +1,4 @@
-"""Chapter 4: qlora_edu.memory predicts the peak memory of a training step.
+"""Chapter 4: qlora_edu.ch04_memory.memory predicts the peak memory of a training step.
 
 Checked three ways, never against itself:
 
@@ -24,8 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import LlamaConfig
 
-from qlora_edu.checks import property_settings
-from qlora_edu.memory import (
+from qlora_edu.ch04_memory.memory import (
     COURSE_MODEL_SHAPE,
     MemoryBreakdown,
     fits,
@@ -35,7 +34,7 @@ from qlora_edu.memory import (
     llama_config,
     training_memory,
 )
-from qlora_edu.memory_probe import (
+from qlora_edu.ch04_memory.memory_probe import (
     GPU_FACTS_PATH,
     H100_ROWS,
     LiveTensorBytes,
@@ -49,6 +48,7 @@ from qlora_edu.memory_probe import (
     static_bytes,
     tensor_bytes,
 )
+from qlora_edu.checks import property_settings
 
 test_battery_on_package, test_battery_on_solution, test_known_mistake_is_caught = battery_tests("04_memory")
 
@@ -57,7 +57,7 @@ def test_mistakes_reimplementation_passes_with_every_switch_off():
     """The known mistakes are one switch of a re-implementation; with none on it passes the battery."""
     import importlib
 
-    checks = importlib.import_module("qlora_edu.checks.04_memory")
+    checks = importlib.import_module("qlora_edu.ch04_memory.checks")
     assert control_passes("static_tensors", lambda config, method, **kw: checks._static_tensors(config, method, **kw))
 
 # peft's prepare_model_for_kbit_training leaves use_reentrant to torch's default, which torch warns about
@@ -339,7 +339,7 @@ def test_llama_config_shapes():
 
 def test_course_config_matches_the_converted_model():
     """The hard-coded course shape equals the converted model's config.json (when the cache exists)."""
-    from qlora_edu.base_model import cache_problem, default_cache_dir
+    from qlora_edu.common.base_model import cache_problem, default_cache_dir
 
     cache = default_cache_dir()
     if cache_problem(cache, None) is not None:
@@ -412,7 +412,7 @@ def test_guards_reject_bad_configs_and_sizes():
 def test_course_model_on_cpu(method):
     """SmolLM2-135M as the course trains it: static parts (1%), saved activations (10%) with and without
     checkpointing, the peak of two real steps (5%), and its config against the hard-coded shape."""
-    from qlora_edu.memory_probe import course_training_model
+    from qlora_edu.ch04_memory.memory_probe import course_training_model
 
     config = llama_config("course")
     model, trainable = course_training_model(method, lora_r=16, gradient_checkpointing=True)

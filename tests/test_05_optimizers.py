@@ -16,11 +16,10 @@ from chapter_battery import battery_tests, control_passes
 from hypothesis import given
 from hypothesis import strategies as st
 
-import qlora_edu.optim as optim_module
-from qlora_edu.blockwise8bit import STATE_BLOCKSIZE, dequantize_blockwise_8bit, quantize_blockwise_8bit
-from qlora_edu.checks import property_settings
-from qlora_edu.double_quant import dynamic_map, grid_lookup_table
-from qlora_edu.optim import (
+import qlora_edu.ch05_optimizers.optim as optim_module
+from qlora_edu.ch03_double_quant.double_quant import dynamic_map, grid_lookup_table
+from qlora_edu.ch05_optimizers.blockwise8bit import STATE_BLOCKSIZE, dequantize_blockwise_8bit, quantize_blockwise_8bit
+from qlora_edu.ch05_optimizers.optim import (
     MIN_8BIT_SIZE,
     AdamW,
     AdamW8bit,
@@ -33,7 +32,7 @@ from qlora_edu.optim import (
     state_bytes_per_param,
     training_losses,
 )
-from qlora_edu.paging import (
+from qlora_edu.ch05_optimizers.paging import (
     H100_PCIE_BYTES_PER_S,
     MEMORY_KINDS,
     MiB,
@@ -43,6 +42,7 @@ from qlora_edu.paging import (
     qlora_7b_example,
     simulate_step,
 )
+from qlora_edu.checks import property_settings
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_functional  # noqa: E402
@@ -89,7 +89,7 @@ def grid_boundary_values(code: torch.Tensor, absmax: float) -> torch.Tensor:
     return values[values.abs() < absmax]
 
 
-CHECKS = importlib.import_module("qlora_edu.checks.05_optimizers")
+CHECKS = importlib.import_module("qlora_edu.ch05_optimizers.checks")
 
 
 @pytest.mark.parametrize(("name", "fn"), [("adamw_step", CHECKS._adamw_step),

@@ -1,4 +1,4 @@
-"""Chapter 6: the chapter's battery (qlora_edu/checks/06_lora.py) on the package and on the solution notebook, its
+"""Chapter 6: the chapter's battery (qlora_edu/ch06_lora/checks.py) on the package and on the solution notebook, its
 known mistakes caught; then LoRALinear and apply_lora against peft 0.21.2 (its LoRA ``Linear`` layer and
 ``get_peft_model``).
 
@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from qlora_edu.checks import mistakes, property_settings
-from qlora_edu.lora import (
+from qlora_edu.ch03_double_quant.storage import total_params
+from qlora_edu.ch06_lora.lora import (
     LLAMA_TARGETS,
     LoRALinear,
     apply_lora,
@@ -32,7 +32,7 @@ from qlora_edu.lora import (
     lora_parameters,
     trainable_percent,
 )
-from qlora_edu.storage import total_params
+from qlora_edu.checks import mistakes, property_settings
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -42,7 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 # peft calls transformers' deprecated is_gradient_checkpointing alias; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
-checks = importlib.import_module("qlora_edu.checks.06_lora")
+checks = importlib.import_module("qlora_edu.ch06_lora.checks")
 
 test_battery_on_package, test_battery_on_solution, test_known_mistake_is_caught = battery_tests("06_lora")
 

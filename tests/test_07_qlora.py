@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from chapter_battery import battery_tests, control_passes
 from torch import nn
 
-from qlora_edu.lora import LLAMA_TARGETS, LoRALinear, count_parameters, lora_parameters
-from qlora_edu.nf4_tensor import NF4Tensor, dequantize_nf4, quantize_nf4
-from qlora_edu.qlora import (
+from qlora_edu.ch03_double_quant.nf4_tensor import NF4Tensor, dequantize_nf4, quantize_nf4
+from qlora_edu.ch06_lora.lora import LLAMA_TARGETS, LoRALinear, count_parameters, lora_parameters
+from qlora_edu.ch07_qlora.qlora import (
     NF4Linear,
     QLoRALinear,
     SavedTensorLog,
@@ -53,7 +53,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 test_battery_on_package, test_battery_on_solution, test_known_mistake_is_caught = battery_tests("07_qlora")
-checks = importlib.import_module("qlora_edu.checks.07_qlora")
+checks = importlib.import_module("qlora_edu.ch07_qlora.checks")
 
 # transformers 5.2x renamed gradient checkpointing to activation checkpointing; peft (and we, to run on every 5.x)
 # still call the old names, which warn
@@ -403,8 +403,8 @@ def test_bad_arguments():
 def test_course_model_qlora_step():
     """The course model with r=16 on all seven projections: 4,884,480 trainable parameters, as peft counts them,
     and a backward pass (gradient checkpointing on) that reaches the adapters only."""
-    from qlora_edu.base_model import load_base_model
-    from qlora_edu.lora import lora_param_count
+    from qlora_edu.ch06_lora.lora import lora_param_count
+    from qlora_edu.common.base_model import load_base_model
 
     model, tok = load_base_model(progress=False)
     model = apply_qlora(model, LLAMA_TARGETS, 16, 32)

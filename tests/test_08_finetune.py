@@ -20,7 +20,7 @@ import torch
 from chapter_battery import battery_tests
 
 from conftest import ROOT
-from qlora_edu.finetune import (
+from qlora_edu.ch08_finetune.finetune import (
     FinetuneConfig,
     atomic_directory,
     batch_indices,
@@ -39,7 +39,7 @@ from qlora_edu.finetune import (
     save_checkpoint,
     train,
 )
-from qlora_edu.instruct_data import (
+from qlora_edu.ch08_finetune.instruct_data import (
     IGNORE_INDEX,
     Example,
     build_messages,
@@ -302,7 +302,7 @@ TINY = FinetuneConfig(steps=5, batch_size=2, lora_r=4, lora_alpha=8.0, learning_
 
 @pytest.fixture(scope="module")
 def cpu_compute():
-    from qlora_edu.device import pick_compute
+    from qlora_edu.common.device import pick_compute
 
     return pick_compute("cpu")
 
@@ -418,7 +418,7 @@ def test_evaluation_does_not_repack_the_4bit_weights(tiny_model_dir, cpu_compute
 def test_scratch_path_trains_only_the_adapters(tiny_model_dir, cpu_compute, few_examples, tmp_path, tokenizer):
     from transformers import LlamaForCausalLM
 
-    from qlora_edu.qlora import QLoRALinear
+    from qlora_edu.ch07_qlora.qlora import QLoRALinear
 
     base = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     model = prepare_qlora(base, TINY, method="scratch", compute_dtype=torch.bfloat16)
@@ -465,7 +465,7 @@ class _EchoLength(torch.nn.Module):
 
 
 def test_generate_replies_keeps_the_order_of_the_examples(tokenizer):
-    from qlora_edu.finetune import generate_replies
+    from qlora_edu.ch08_finetune.finetune import generate_replies
 
     examples = [load_dataset("heldout")[i] for i in (5, 0, 17, 3, 9, 11, 2)]  # prompts of different lengths
     side = tokenizer.padding_side
@@ -478,7 +478,7 @@ def test_generate_replies_keeps_the_order_of_the_examples(tokenizer):
 
 
 def test_calibration_steps_time_and_train_only_adapters(tiny_model_dir, cpu_compute):
-    from qlora_edu.finetune import calibration_step_seconds
+    from qlora_edu.ch08_finetune.finetune import calibration_step_seconds
 
     model, _ = load_qlora_model(tiny_model_dir, config=TINY, compute=cpu_compute, progress=False)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -502,7 +502,7 @@ def test_checkpoint_needs_a_folder(tiny_model_dir, cpu_compute, tmp_path):
 
 def _run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "qlora_edu.finetune", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "qlora_edu.ch08_finetune.finetune", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -534,7 +534,7 @@ def test_cli_smoke_on_a_tiny_model(tiny_model_dir, tmp_path):
 
 def test_run_finetune_scratch_path_on_a_tiny_model(tiny_model_dir, tmp_path):
     """The command line's function with the course's own NF4 layers: the same summary, a PEFT-format adapter."""
-    from qlora_edu.finetune import run_finetune
+    from qlora_edu.ch08_finetune.finetune import run_finetune
 
     lines = []
     summary = run_finetune(model=str(tiny_model_dir), device="cpu", smoke=True, method="scratch",
@@ -563,7 +563,7 @@ def test_cli_smoke_on_the_real_model(tmp_path):
 def test_gpu_trains_a_tiny_llama_both_ways(method, tiny_model_dir, few_examples, tokenizer, tmp_path):
     from transformers import LlamaForCausalLM
 
-    from qlora_edu.device import pick_compute
+    from qlora_edu.common.device import pick_compute
 
     compute = pick_compute("cuda")
     config = replace(TINY, steps=4, save_every=0)

@@ -1,4 +1,5 @@
-"""Chapter 9, labs 1, 2, 3, 7 and 9 (``scripts/labs/labs_a.py``): every lab re-run in smoke mode on a tiny random Llama
+"""Chapter 9, labs 1, 2, 3, 7 and 9 (``qlora_edu/ch09_labs/labs_a.py``): every lab re-run in smoke mode on a tiny
+random Llama
 that uses SmolLM2's real tokenizer (two steps, four held-out orders), its results file checked for schema and sanity;
 the lab's own mathematics (the low-rank SVD, the spectrum summaries, the subspace overlap, the equal-budget ranks,
 the held-out loss, trials per GPU) against independent references; and the committed results files, which the
@@ -7,29 +8,15 @@ notebook reads, checked to be full (not smoke) runs with the same schema. No tes
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
-from qlora_edu.instruct_data import load_dataset
+from qlora_edu.ch08_finetune.instruct_data import load_dataset
+from qlora_edu.ch09_labs import labs_a  # noqa: E402
 
-SCRIPT = ROOT / "scripts" / "labs" / "labs_a.py"
-
-
-def _load_labs():
-    spec = importlib.util.spec_from_file_location("labs_a", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["labs_a"] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-labs_a = _load_labs()
 MiB = 2**20
 
 
@@ -243,7 +230,7 @@ def test_lab7_alone_trains_its_own_three_runs(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("lab", labs_a.LABS)
 def test_committed_results_are_full_runs_with_the_same_schema(lab):
     path = labs_a.RESULTS / labs_a.FILES[lab]
-    assert path.is_file(), f"{path} is missing: run python scripts/labs/labs_a.py {lab}"
+    assert path.is_file(), f"{path} is missing: run python qlora_edu/ch09_labs/labs_a.py {lab}"
     res = json.loads(path.read_text())
     check_common(res, lab, smoke=False)
     assert res["budget"] == vars(labs_a.FULL_BUDGETS[lab]), "the committed file was made with another budget"
@@ -301,7 +288,7 @@ def test_equal_budget_ranks_match_hand_counted_parameters():
 def test_heldout_loss_is_the_token_weighted_cross_entropy(tiny_model_dir, ctx):
     from transformers import LlamaForCausalLM
 
-    from qlora_edu.instruct_data import collate_examples
+    from qlora_edu.ch08_finetune.instruct_data import collate_examples
 
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
     examples = load_dataset("heldout")[:5]

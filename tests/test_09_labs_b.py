@@ -1,4 +1,5 @@
-"""Chapter 9, labs 4, 5, 6 and 8 (``scripts/labs/labs_b.py``): each lab re-run in smoke mode into a temporary folder,
+"""Chapter 9, labs 4, 5, 6 and 8 (``qlora_edu/ch09_labs/labs_b.py``): each lab re-run in smoke mode into a temporary
+folder,
 on a tiny random Llama with SmolLM2's tokenizer (the whole code path in seconds), and its results file checked:
 the schema the notebook reads, and the facts that must hold whatever the budget (a hot-swapped adapter computes
 exactly what it computed when trained, the bf16 GGUF reloads to the same logits, NF4 stores normal weights with
@@ -10,28 +11,13 @@ checks that they are there and were not produced in smoke mode.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
-
-SCRIPT = ROOT / "scripts" / "labs" / "labs_b.py"
-
-
-def _load_labs():
-    spec = importlib.util.spec_from_file_location("labs_b", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["labs_b"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-labs_b = _load_labs()
+from qlora_edu.ch09_labs import labs_b  # noqa: E402
 
 
 def _run(lab, model_dir, out):
@@ -54,7 +40,7 @@ def test_budgets_and_cli_choices():
 
 
 def test_label_task_and_task_tokenizer():
-    from qlora_edu.instruct_data import collate_examples, load_dataset, load_tokenizer
+    from qlora_edu.ch08_finetune.instruct_data import collate_examples, load_dataset, load_tokenizer
 
     order = load_dataset("heldout")[:3]
     labels = labs_b.as_label_examples(order)
@@ -125,7 +111,7 @@ def test_lab4_parts_merge_into_one_result(tmp_path):
 def test_lab5_smoke(tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
-    from qlora_edu.lora import lora_param_count
+    from qlora_edu.ch06_lora.lora import lora_param_count
 
     p = _run("lab5", tiny_model_dir, tmp_path)
     assert p["exact"]["orders_equals_trained"] and p["exact"]["label_equals_trained"]
@@ -175,6 +161,6 @@ def test_lab8_smoke(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("lab", ["lab4", "lab5", "lab6", "lab8"])
 def test_committed_results_are_full_runs(lab):
     path = labs_b.DEFAULT_OUT / labs_b.RESULT_FILES[lab]
-    assert path.is_file(), f"{path} missing: run `python scripts/labs/labs_b.py {lab}`"
+    assert path.is_file(), f"{path} missing: run `python qlora_edu/ch09_labs/labs_b.py {lab}`"
     payload = json.loads(path.read_text())
     assert payload["lab"] == lab and payload["smoke"] is False and payload["wall_seconds"] > 0

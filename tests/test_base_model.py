@@ -1,4 +1,4 @@
-"""qlora_edu.base_model: the one-time GGUF conversion, its cache, and the override paths.
+"""qlora_edu.common.base_model: the one-time GGUF conversion, its cache, and the override paths.
 
 Fast tests replace the slow GGUF reader (``read_gguf``, ~25 s) by a tiny random Llama and an
 offline word-level tokenizer, and the locator (``find_gguf``) by a fake file, so everything else
@@ -14,8 +14,8 @@ import warnings
 import pytest
 import torch
 
-from qlora_edu import base_model as bm
-from qlora_edu.base_model import base_model_info, load_base_model
+from qlora_edu.common import base_model as bm
+from qlora_edu.common.base_model import base_model_info, load_base_model
 
 WORDS = ["<unk>", "<s>", "</s>", "the", "capital", "of", "france", "is", "paris", "what", "?", "."]
 

@@ -133,7 +133,7 @@ def test_glossary_defines_the_course_terms():
 
 def test_generated_tables_list_every_lesson(tmp_path):
     """The landing page's course map and the guide's run times: one row per lesson, times from the notebooks."""
-    from qlora_edu.doctor import chapter_facts, format_seconds
+    from qlora_edu.common.doctor import chapter_facts, format_seconds
 
     course_map, run_times = _course_book().write_generated(tmp_path)[:2]
     facts = chapter_facts(ROOT)
@@ -183,7 +183,7 @@ def test_widget_views_a_learner_works_become_the_note():
 def test_agenda_times_come_from_the_recorded_runs():
     """Start times add up the planned slots; the machine time is the recorded lesson + solution run; a slot whose
     runs take over half of it warns; a chapter with no notebooks yet says so."""
-    from qlora_edu.doctor import ChapterFacts
+    from qlora_edu.common.doctor import ChapterFacts
 
     def fact(stem, lesson_s, solution_s):
         return ChapterFacts(stem=stem, number=int(stem[:2]), title=stem, lesson=ROOT / f"notebooks/{stem}.ipynb",

@@ -1,4 +1,4 @@
-"""qlora_edu.device: the device/dtype rule, with the GPUs simulated by monkeypatching torch.cuda."""
+"""qlora_edu.common.device: the device/dtype rule, with the GPUs simulated by monkeypatching torch.cuda."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from qlora_edu import device as dev
-from qlora_edu.device import Compute, gpu_available, pick_compute, skip_reason_no_gpu
+from qlora_edu.common import device as dev
+from qlora_edu.common.device import Compute, gpu_available, pick_compute, skip_reason_no_gpu
 
 
 @pytest.fixture(autouse=True)

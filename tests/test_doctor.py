@@ -17,10 +17,17 @@ import bitsandbytes  # noqa: F401
 import pytest
 import torch
 
-import qlora_edu.doctor as doc
+import qlora_edu.common.doctor as doc
 from conftest import ROOT
-from qlora_edu import settings
-from qlora_edu.doctor import ChapterFacts, DoctorCheck, chapter_facts, doctor_checks, format_seconds, render_doctor
+from qlora_edu.common import settings
+from qlora_edu.common.doctor import (
+    ChapterFacts,
+    DoctorCheck,
+    chapter_facts,
+    doctor_checks,
+    format_seconds,
+    render_doctor,
+)
 
 GIB = 1024**3
 

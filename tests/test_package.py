@@ -45,23 +45,23 @@ def test_every_public_name_resolves_to_its_module():
 def test_the_environment_is_read_in_settings_only():
     readers = [p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py")
                if any(w in p.read_text() for w in ("os.environ", "getenv(")) and p.name != "settings.py"]
-    assert readers == [], f"read os.environ outside qlora_edu/settings.py: {readers}"
+    assert readers == [], f"read os.environ outside qlora_edu/common/settings.py: {readers}"
 
 
 def _solution_functions() -> list[tuple[str, ast.FunctionDef]]:
     """Every package function with a `# BEGIN SOLUTION` region: the functions learners write."""
     found = []
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.glob("ch[0-9][0-9]_*/*.py")):
         source = path.read_text()
         for node in ast.parse(source).body:  # module-level functions (a layer's forward has tensors, not arguments)
             if isinstance(node, ast.FunctionDef) and "# BEGIN SOLUTION" in ast.get_source_segment(source, node):
-                found.append((path.stem, node))
+                found.append((f"{path.parent.name}.{path.stem}", node))
     return found
 
 
 @pytest.mark.parametrize(("module", "fn"), _solution_functions(), ids=lambda v: getattr(v, "name", v))
 def test_a_learner_function_starts_with_one_guard_call(module, fn):
-    """Its first statement (after the docstring) is one call to check_<name>_args from qlora_edu.validation; no
+    """Its first statement (after the docstring) is one call to check_<name>_args from qlora_edu.common.guards; no
     other argument check follows it. (Functions without arguments have nothing to guard.)"""
     if not fn.args.args:
         return
@@ -74,5 +74,6 @@ def test_a_learner_function_starts_with_one_guard_call(module, fn):
              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id.startswith("check_")
              and n.func.id != "check_finite_absmax"]
     assert later == [], f"{module}.{fn.name} checks arguments again after its guard: {later}"
-    source = (PACKAGE / f"{module}.py").read_text()
-    assert f"from qlora_edu.validation.{module} import" in source or "from qlora_edu.validation." in source
+    package, stem = module.split(".")
+    source = (PACKAGE / package / f"{stem}.py").read_text()
+    assert f"from qlora_edu.{package}.guards import" in source, f"{module} must take its guards from {package}.guards"

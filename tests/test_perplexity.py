@@ -1,4 +1,4 @@
-"""qlora_edu.perplexity on tiny models: the number's meaning, windows, determinism, weight replacement."""
+"""qlora_edu.common.perplexity on tiny models: the number's meaning, windows, determinism, weight replacement."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qlora_edu.perplexity import perplexity, reference_text, replace_linear_weights, windows
+from qlora_edu.common.perplexity import perplexity, reference_text, replace_linear_weights, windows
 
 WORDS = ["<unk>", "a", "b", "c", "d", "e", "f", "g", "h"]
 TEXT = " ".join(WORDS[1:] * 40)  # a b c ... h a b c ...: 320 tokens, each determined by the previous one

@@ -1,4 +1,4 @@
-"""qlora_edu.progress: a bar that ends as one plain line, in a terminal and in a saved notebook."""
+"""qlora_edu.common.progress: a bar that ends as one plain line, in a terminal and in a saved notebook."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-import qlora_edu.progress as progress_module
-from qlora_edu.progress import progress_bar
+import qlora_edu.common.progress as progress_module
+from qlora_edu.common.progress import progress_bar
 
 SUMMARY = re.compile(r"^(?P<desc>.+): (?P<stopped>stopped at )?(?P<n>\d+)(/(?P<total>\d+))? (?P<unit>\S+) "
                      r"in \d+\.\d s$")
@@ -94,7 +94,7 @@ def test_a_saved_notebook_keeps_the_summary_not_a_bar():
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.v4.new_notebook()
     nb.cells.append(nbformat.v4.new_code_cell(
-        "import time\nfrom qlora_edu.progress import progress_bar\n"
+        "import time\nfrom qlora_edu.common.progress import progress_bar\n"
         "for _ in progress_bar(range(4), desc='demo', unit='items'):\n    time.sleep(0.6)\n"))
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
     texts = [out["data"]["text/plain"] for out in nb.cells[0].outputs if out["output_type"] == "display_data"]
@@ -103,7 +103,7 @@ def test_a_saved_notebook_keeps_the_summary_not_a_bar():
 
 
 def test_the_module_name_alias_is_the_same_function():
-    from qlora_edu.progress import progress
+    from qlora_edu.common.progress import progress
 
     assert progress is progress_bar
     import qlora_edu

@@ -1,6 +1,6 @@
 import pytest
 
-from qlora_edu.settings import pick, smoke_mode
+from qlora_edu.common.settings import pick, smoke_mode
 
 
 def test_smoke_mode_reads_the_environment(monkeypatch):

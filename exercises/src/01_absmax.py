@@ -26,8 +26,8 @@
 import torch
 import torch.nn.functional as F
 
-from qlora_edu.validation import n_blocks
-from qlora_edu.validation.absmax import check_absmax_dequantize_args, check_absmax_quantize_args
+from qlora_edu.ch01_absmax.guards import check_absmax_dequantize_args, check_absmax_quantize_args
+from qlora_edu.common.guards import n_blocks
 
 # %% [markdown]
 # ## Exercise 1.1: quantize
@@ -36,7 +36,7 @@ from qlora_edu.validation.absmax import check_absmax_dequantize_args, check_absm
 # blocks lets you `view` it as a `(n_blocks, blocksize)` matrix and work row by row.
 
 # %%
-# @solution qlora_edu.absmax.absmax_quantize
+# @solution qlora_edu.ch01_absmax.absmax.absmax_quantize
 
 # %% [markdown]
 # Try it on the worked example from the seed notes: the block `[0.1, 2.5, -1.5]` should give the
@@ -50,7 +50,7 @@ print("codes:", codes.tolist(), " scale:", round(scales.item(), 4))
 # ## Exercise 1.2: dequantize
 
 # %%
-# @solution qlora_edu.absmax.absmax_dequantize
+# @solution qlora_edu.ch01_absmax.absmax.absmax_dequantize
 
 # %%
 print("dequantized:", absmax_dequantize(codes, scales, blocksize=3).tolist())

@@ -23,15 +23,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from qlora_edu.nf4 import NF4_OFFSET
-from qlora_edu.quant4bit import MIN_ABSMAX
-from qlora_edu.validation.quant4bit import (
+from qlora_edu.ch02_nf4.guards import (
     check_dequantize_4bit_args,
     check_finite_absmax,
     check_pack_4bit_args,
     check_quantize_4bit_args,
     check_unpack_4bit_args,
 )
+from qlora_edu.ch02_nf4.nf4 import NF4_OFFSET
+from qlora_edu.ch02_nf4.quant4bit import MIN_ABSMAX
 
 # %% [markdown]
 # ## Exercise 2.1: the NF4 table
@@ -48,7 +48,7 @@ from qlora_edu.validation.quant4bit import (
 # default) and only the quantiles in **float64** (`ndtri(p.double())`).
 
 # %%
-# @solution qlora_edu.nf4.nf4_code
+# @solution qlora_edu.ch02_nf4.nf4.nf4_code
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -66,8 +66,8 @@ print(" ".join(f"{v:+.4f}" for v in table.tolist()))
 # `pad` as the last low nibble. `unpack_4bit` reverses it and returns exactly `numel` codes.
 
 # %%
-# @solution qlora_edu.packing.pack_4bit
-# @solution qlora_edu.packing.unpack_4bit
+# @solution qlora_edu.ch02_nf4.packing.pack_4bit
+# @solution qlora_edu.ch02_nf4.packing.unpack_4bit
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -100,10 +100,10 @@ print("unpack them again:", unpack_4bit(packed, 5).tolist())
 # loop over blocks or elements). Use your own `pack_4bit` from 2.2 for the last step.
 #
 # *Speed, for later:* on a CPU the package's `quantize_nf4` calls this very function on slices of 2^18
-# elements (`qlora_edu/fast4bit.py`): small temporaries are reused instead of page-faulting fresh memory.
+# elements (`qlora_edu/ch02_nf4/fast4bit.py`): small temporaries are reused instead of page-faulting fresh memory.
 
 # %%
-# @solution qlora_edu.quant4bit.quantize_4bit
+# @solution qlora_edu.ch02_nf4.quant4bit.quantize_4bit
 
 # %% [markdown]
 # The small tensor of the lesson, one block of 32: your codes should match the lesson's and
@@ -134,12 +134,12 @@ print("same bytes as bitsandbytes:", torch.equal(packed, packed_bnb))
 # `check_dequantize_4bit_args`, given to you (the package's fast version, below, shares it).
 #
 # *Speed, for later:* `dequantize_nf4` runs this computation as `dequantize_4bit_fast` in
-# `qlora_edu/fast4bit.py`: on a CPU a table of the two values of every byte (256 rows) decodes two codes
+# `qlora_edu/ch02_nf4/fast4bit.py`: on a CPU a table of the two values of every byte (256 rows) decodes two codes
 # with one lookup, slice by slice; on CUDA `torch.compile` fuses this very computation into one kernel.
 # The tests check both equal to this function and to bitsandbytes.
 
 # %%
-# @solution qlora_edu.quant4bit.dequantize_4bit
+# @solution qlora_edu.ch02_nf4.quant4bit.dequantize_4bit
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -173,9 +173,9 @@ check(nf4_code, pack_4bit, unpack_4bit, quantize_4bit, dequantize_4bit)
 # %%
 import qlora_edu
 from qlora_edu import load_base_model
-from qlora_edu.perplexity import perplexity, replace_linear_weights
-from qlora_edu.progress import progress_bar
-from qlora_edu.settings import pick
+from qlora_edu.common.perplexity import perplexity, replace_linear_weights
+from qlora_edu.common.progress import progress_bar
+from qlora_edu.common.settings import pick
 
 n_tokens = pick(4096, 1024)
 model, tokenizer = load_base_model(progress=False)

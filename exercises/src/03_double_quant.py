@@ -18,13 +18,13 @@
 import torch
 import torch.nn.functional as F
 
-from qlora_edu.double_quant import GRID_POINTS, grid_lookup_table
-from qlora_edu.validation import n_blocks
-from qlora_edu.validation.double_quant import (
+from qlora_edu.ch03_double_quant.double_quant import GRID_POINTS, grid_lookup_table
+from qlora_edu.ch03_double_quant.guards import (
     check_double_dequantize_args,
     check_double_quantize_args,
     check_dynamic_map_args,
 )
+from qlora_edu.common.guards import n_blocks
 
 # %% [markdown]
 # ## Exercise 3.1: the dynamic map
@@ -43,7 +43,7 @@ from qlora_edu.validation.double_quant import (
 # midpoints `(edges[:-1] + edges[1:]) / 2`, then the product with `10.0 ** (i - 6)`.
 
 # %%
-# @solution qlora_edu.double_quant.dynamic_map
+# @solution qlora_edu.ch03_double_quant.double_quant.dynamic_map
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -76,7 +76,7 @@ print("index of 0.0:", int((table == 0).nonzero()), " values > 0.1:", int((table
 # Return `(codes, offset, absmax2)`.
 
 # %%
-# @solution qlora_edu.double_quant.double_quantize
+# @solution qlora_edu.ch03_double_quant.double_quant.double_quantize
 
 # %% [markdown]
 # ## Exercise 3.3: read them back
@@ -85,7 +85,7 @@ print("index of 0.0:", int((table == 0).nonzero()), " values > 0.1:", int((table
 # then the sum (two roundings, as bitsandbytes does).
 
 # %%
-# @solution qlora_edu.double_quant.double_dequantize
+# @solution qlora_edu.ch03_double_quant.double_quant.double_dequantize
 
 # %% [markdown]
 # Try them on the constants of a random weight-like matrix. How close should they come back? A centred

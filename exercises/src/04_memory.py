@@ -22,8 +22,8 @@ import math
 import torch
 from transformers import LlamaConfig
 
-from qlora_edu.memory import DQ_BLOCK, MIN_8BIT_NUMEL, PAGED_MIN_NUMEL, STATE_BLOCK, StaticTensor
-from qlora_edu.validation.memory import LORA_TARGETS, check_static_tensors_args
+from qlora_edu.ch04_memory.guards import LORA_TARGETS, check_static_tensors_args
+from qlora_edu.ch04_memory.memory import DQ_BLOCK, MIN_8BIT_NUMEL, PAGED_MIN_NUMEL, STATE_BLOCK, StaticTensor
 
 # %% [markdown]
 # ## Exercise 4.1: every resident tensor
@@ -49,7 +49,7 @@ from qlora_edu.validation.memory import LORA_TARGETS, check_static_tensors_args
 # tied (`dims.tied`): then `lm_head` *is* the embedding and adds nothing.
 
 # %%
-# @solution qlora_edu.memory.static_tensors
+# @solution qlora_edu.ch04_memory.memory.static_tensors
 
 # %% [markdown]
 # Try it on Llama-7B, the model `gpu-facts.md` measured on an H100: QLoRA with r = 64 on all seven

@@ -24,14 +24,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qlora_edu.blockwise8bit import STATE_BLOCKSIZE
-from qlora_edu.double_quant import GRID_POINTS, grid_lookup_table
-from qlora_edu.validation import n_blocks
-from qlora_edu.validation.optim import (
+from qlora_edu.ch03_double_quant.double_quant import GRID_POINTS, grid_lookup_table
+from qlora_edu.ch05_optimizers.blockwise8bit import STATE_BLOCKSIZE
+from qlora_edu.ch05_optimizers.guards import (
     check_adamw_step_args,
     check_dequantize_blockwise_8bit_args,
     check_quantize_blockwise_8bit_args,
 )
+from qlora_edu.common.guards import n_blocks
 
 # %% [markdown]
 # ## Exercise 5.1: the AdamW update
@@ -49,7 +49,7 @@ from qlora_edu.validation.optim import (
 # also be arranged as its kernel does (the hints give the order).
 
 # %%
-# @solution qlora_edu.optim.adamw_step
+# @solution qlora_edu.ch05_optimizers.optim.adamw_step
 
 # %% [markdown]
 # Try it: one step from zero states on `p = [1, -2]` with `g = [0.5, 0.5]`. At step 1 the bias corrections
@@ -77,13 +77,13 @@ print("param:", [round(x, 6) for x in p.tolist()], " m:", [round(x, 6) for x in 
 # code read back is multiplied by 0, so nothing is lost.
 
 # %%
-# @solution qlora_edu.blockwise8bit.quantize_blockwise_8bit
+# @solution qlora_edu.ch05_optimizers.blockwise8bit.quantize_blockwise_8bit
 
 # %% [markdown]
 # ## Exercise 5.3: read it back
 
 # %%
-# @solution qlora_edu.blockwise8bit.dequantize_blockwise_8bit
+# @solution qlora_edu.ch05_optimizers.blockwise8bit.dequantize_blockwise_8bit
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora_edu.validation.lora import check_lora_forward_args, check_lora_linear_args
+from qlora_edu.ch06_lora.guards import check_lora_forward_args, check_lora_linear_args
 
 # %% [markdown]
 # ## Exercise 6.1: the layer
@@ -46,7 +46,7 @@ from qlora_edu.validation.lora import check_lora_forward_args, check_lora_linear
 # `(..., in)` to `(..., r)`, and `F.linear(·, B)` maps that to `(..., out)`.
 
 # %%
-# @solution qlora_edu.lora.LoRALinear
+# @solution qlora_edu.ch06_lora.lora.LoRALinear
 
 # %% [markdown]
 # Try it on a small layer: the shapes, what is trainable, and the output at initialization next to the base

@@ -25,8 +25,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from qlora_edu.nf4_tensor import NF4Tensor, dequantize_nf4, quantize_nf4
-from qlora_edu.validation.qlora import check_nf4_linear_args, check_nf4_matmul_args
+from qlora_edu.ch03_double_quant.nf4_tensor import NF4Tensor, dequantize_nf4, quantize_nf4
+from qlora_edu.ch07_qlora.guards import check_nf4_linear_args, check_nf4_matmul_args
 
 # %% [markdown]
 # ## Exercise 7.1: the autograd function
@@ -49,8 +49,8 @@ from qlora_edu.validation.qlora import check_nf4_linear_args, check_nf4_matmul_a
 # `NF4Tensor` dequantizes to its own `dtype`; cast to `x.dtype` in forward and to `grad_out.dtype` in backward.
 
 # %%
-# @solution qlora_edu.qlora.NF4Matmul
-# @solution qlora_edu.qlora.nf4_matmul
+# @solution qlora_edu.ch07_qlora.qlora.NF4Matmul
+# @solution qlora_edu.ch07_qlora.qlora.nf4_matmul
 
 # %% [markdown]
 # Try it on a small weight: the output against `F.linear` with the dequantized weight, `dL/dx` against
@@ -90,7 +90,7 @@ print("saved by F.linear:  ", [(shape, dtype) for shape, dtype, _ in plain.recor
 # bits as dequantizing to its own dtype and casting, without the float32 copy.
 
 # %%
-# @solution qlora_edu.qlora.nf4_linear
+# @solution qlora_edu.ch07_qlora.qlora.nf4_linear
 
 # %%
 # NBVAL_CHECK_OUTPUT

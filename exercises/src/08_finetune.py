@@ -22,8 +22,8 @@
 # %% tags=["setup"]
 import torch
 
-from qlora_edu.instruct_data import IGNORE_INDEX
-from qlora_edu.validation.finetune import check_mask_prompt_labels_args
+from qlora_edu.ch08_finetune.guards import check_mask_prompt_labels_args
+from qlora_edu.ch08_finetune.instruct_data import IGNORE_INDEX
 
 # %% [markdown]
 # ## Exercise 8.1: the mask
@@ -32,7 +32,7 @@ from qlora_edu.validation.finetune import check_mask_prompt_labels_args
 # every prompt position at once.
 
 # %%
-# @solution qlora_edu.instruct_data.mask_prompt_labels
+# @solution qlora_edu.ch08_finetune.instruct_data.mask_prompt_labels
 
 # %% [markdown]
 # Try it on a batch you can read: pad id = end id = 2; the first row has a 3-token prompt, a 2-token
@@ -69,7 +69,7 @@ check(mask_prompt_labels)
 # whose id is the pad id.
 
 # %%
-from qlora_edu.instruct_data import encode_example, load_dataset, load_tokenizer
+from qlora_edu.ch08_finetune.instruct_data import encode_example, load_dataset, load_tokenizer
 
 tokenizer = load_tokenizer()
 examples = load_dataset("train")[:8]
@@ -102,7 +102,7 @@ print(f"end tokens with a label: {int((labels == eos).sum())} of {len(examples)}
 # the other one not the target?
 
 # %%
-from qlora_edu.base_model import load_base_model
+from qlora_edu.common.base_model import load_base_model
 
 model, _ = load_base_model(progress=False)
 # BEGIN SOLUTION

@@ -10,7 +10,7 @@
      :data:`AGENDAS` with the recorded machine time of the notebooks each slot runs, and a warning where that
      run takes more than half of the slot.
 
-   Every figure comes from :func:`qlora_edu.doctor.chapter_facts`, i.e. from the timing metadata Jupyter saved in
+   Every figure comes from :func:`qlora_edu.common.doctor.chapter_facts`, i.e. from the timing metadata Jupyter saved in
    the committed notebooks: nothing is typed in by hand, so a re-executed notebook updates the book. The same
    function is runnable alone (``python jupyter_book/_ext/course_book.py``), which is what a Jupyter Book 2 build
    (no Sphinx extensions) would run first.
@@ -53,7 +53,7 @@ def _link(path: Path | None, label: str) -> str:
 
 def course_map_markdown(facts) -> str:
     """The landing page's course map: one row a lesson."""
-    from qlora_edu.doctor import format_seconds
+    from qlora_edu.common.doctor import format_seconds
 
     lines = ["| # | Chapter | You build | Checked against | Exercise | Run time, CPU | Run time, GPU |",
              "|---|---|---|---|---|---|---|"]
@@ -69,7 +69,7 @@ def course_map_markdown(facts) -> str:
 
 def run_times_markdown(facts) -> str:
     """The instructor guide's table: the recorded run of every lesson and solution."""
-    from qlora_edu.doctor import format_seconds
+    from qlora_edu.common.doctor import format_seconds
 
     lines = ["| Chapter | Lesson run | Solution run | Recorded on | Device of the run | Path on a GPU machine |",
              "|---|---|---|---|---|---|"]
@@ -148,7 +148,7 @@ def _slot_runs(runs: list[str], by_stem: dict) -> tuple[list[tuple[str, float | 
 def agenda_markdown(facts, slots) -> str:
     """An agenda as a table: start (h:mm from the start of the day), the slot and its planned minutes, the
     recorded CPU machine time of the notebooks it runs, notes (a warning where that time exceeds half the slot)."""
-    from qlora_edu.doctor import format_seconds
+    from qlora_edu.common.doctor import format_seconds
 
     by_stem = {f.stem: f for f in facts}
     lines = ["| Start | Slot | Planned | Machine time, CPU (recorded runs) | Notes |", "|---|---|---|---|---|"]
@@ -175,7 +175,7 @@ def agenda_markdown(facts, slots) -> str:
 def write_generated(out: Path = GENERATED) -> list[Path]:
     """Write ``course_map.md``, ``run_times.md`` and the agendas into ``out``; rewrite a file only when its text
     changed (Sphinx then re-reads only the pages whose included tables changed)."""
-    from qlora_edu.doctor import chapter_facts
+    from qlora_edu.common.doctor import chapter_facts
 
     facts = chapter_facts(ROOT)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,8 @@ A *case* is a small function that takes an ``impl`` (anything with the course's 
   and prints a pass/fail report: the first failing case, expected vs got, and a hint.
 * ``python -m qlora_edu.checks exercises/`` checks every exercise notebook at once.
 
-**The chapter is the unit.** Chapter ``NN_name``'s cases live in ``qlora_edu/checks/NN_name.py`` (the same stem as
-``notebooks/NN_name.ipynb``, ``exercises/src/NN_name.py`` and ``tests/test_NN_name.py``), found by its file name.
+**The chapter is the unit.** Chapter ``NN_name``'s cases live in ``qlora_edu/chNN_name/checks.py`` (the chapter's
+package, named as ``notebooks/NN_name.ipynb``, ``exercises/src/NN_name.py`` and ``tests/test_NN_name.py``).
 Next to each case stand the *known mistakes* it catches, declared with :func:`mistake`: a function with the real
 name and signature of an exercise function that makes one plausible error. The chapter's tests prove that
 ``check`` fails on each mistake with that very case marked FAIL, so the battery is shown to catch what it claims.
@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 from hypothesis import HealthCheck, settings
 
-_HERE = Path(__file__).resolve().parent
-#: A chapter's stem: two digits, an underscore, a name (``02_nf4``).
-CHAPTER_STEM = re.compile(r"^\d\d_[a-z0-9_]+$")
+_PACKAGE = Path(__file__).resolve().parent.parent
+#: A chapter's battery module: ``qlora_edu.chNN_name.checks``.
+BATTERY_MODULE = re.compile(r"^qlora_edu\.ch(\d\d_[a-z0-9_]+)\.checks$")
 
 
 def chapters() -> list[str]:
-    """The chapters that have checks, from the file names ``qlora_edu/checks/NN_name.py``, in course order."""
-    return sorted(p.stem for p in _HERE.glob("*.py") if CHAPTER_STEM.match(p.stem))
+    """The chapters that have a battery (``qlora_edu/chNN_name/checks.py``), as stems (``02_nf4``), in course order."""
+    return sorted(p.parent.name[2:] for p in _PACKAGE.glob("ch[0-9][0-9]_*/checks.py"))
 
 
 def property_settings(max_examples: int = 40) -> settings:
@@ -94,10 +94,10 @@ _MISTAKES: dict[str, list[Mistake]] = {}
 
 
 def _chapter_of(fn: Callable) -> str:
-    chapter = fn.__module__.rsplit(".", 1)[-1]
-    if not CHAPTER_STEM.match(chapter):
-        raise ValueError(f"cases and mistakes live in qlora_edu/checks/NN_name.py, not in {fn.__module__}")
-    return chapter
+    m = BATTERY_MODULE.match(fn.__module__)
+    if not m:
+        raise ValueError(f"cases and mistakes live in qlora_edu/chNN_name/checks.py, not in {fn.__module__}")
+    return m.group(1)
 
 
 def case(*uses: str, hint: str = "") -> Callable[[Callable[[object], None]], Callable[[object], None]]:
@@ -133,7 +133,7 @@ def mistake(function: str, *, caught_by: Callable) -> Callable[[Callable], Calla
 def _load(chapter: str) -> None:
     if chapter not in chapters():
         raise ValueError(f"chapter must be one of {chapters()}, got {chapter!r}")
-    importlib.import_module(f"{__name__}.{chapter}")
+    importlib.import_module(f"qlora_edu.ch{chapter}.checks")
 
 
 def cases(chapter: str) -> list[Case]:
