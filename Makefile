@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.qlora-edu-installed
 # Short mode for the long notebook runs (perplexity, training): same code, smaller budgets.
 SMOKE  ?= 1
 
-.PHONY: lab test test-gpu install lint exercises execute check-exercises bench book test-browser
+.PHONY: lab test test-gpu gpu-check install lint exercises readme execute check-exercises bench book test-browser
 
 install:
 	@bash scripts/install.sh
@@ -27,8 +27,9 @@ lint: install
 	$(VENV)/bin/codespell README.md qlora_edu exercises/src jupyter_book tests --skip '*.ipynb'
 	$(PY) scripts/notebook_builder.py sources notebooks/*.ipynb solutions/*.ipynb | $(VENV)/bin/codespell -
 
-# Regenerate exercises/*.ipynb and solutions/*.ipynb from exercises/src/*.py and the package.
-exercises: install
+# Regenerate exercises/*.ipynb and solutions/*.ipynb from exercises/src/*.py and the package, and the README's
+# course table from the chapter manifests: everything a new chapter's files generate.
+exercises: install readme
 	$(PY) scripts/notebook_builder.py build
 
 # Re-run notebooks top to bottom and save their outputs (full mode, SMOKE=0). Commit the result.
@@ -39,19 +40,28 @@ execute: install
 check-exercises: install
 	$(PY) -m qlora_edu.checks exercises
 
-# The CUDA tests alone (`gpu` marker). Needs only torch, bitsandbytes, pytest and hypothesis, so it also runs on a
-# GPU machine without the course's environment: make test-gpu PYTHON_GPU=python3
+# The CUDA tests alone (`gpu` marker), in the test files of the chapters whose manifest declares gpu_tests
+# (qlora_edu/chNN_name/__init__.py). Needs only torch, bitsandbytes, pytest and hypothesis, so it also runs on a GPU
+# machine without the course's environment: make test-gpu PYTHON_GPU=python3 (the list itself needs no torch).
 PYTHON_GPU ?= $(PY)
 test-gpu:
-	$(PYTHON_GPU) -m pytest -m gpu -p no:cacheprovider tests/test_01_absmax.py tests/test_02_nf4.py \
-		tests/test_03_double_quant.py tests/test_07_qlora.py tests/test_08_finetune.py
+	$(PYTHON_GPU) -m pytest -m gpu -p no:cacheprovider $(shell $(PYTHON_GPU) -m qlora_edu.common.chapters gpu-tests)
 
-# Speed side by side with the reference libraries (each prints its ratio): NF4 (de)quantization vs bitsandbytes,
-# the optimizers vs torch / bitsandbytes, a QLoRA training step vs peft + bitsandbytes.
+# The course's own checks on a CUDA machine, beyond pytest: scripts/gpu_check.py (see its docstring for what it
+# runs and what it writes). Same interpreter rule as test-gpu: make gpu-check PYTHON_GPU=python3
+gpu-check:
+	$(PYTHON_GPU) scripts/gpu_check.py
+
+# Each chapter's benchmarks (the `benchmarks` of its manifest), once each, in course order: the course's code side by
+# side with its reference (speed against bitsandbytes, torch, peft; chapter 4's memory formula against measured
+# memory). Each prints its comparison.
 bench: install
-	$(PY) benchmarks/bench_nf4.py
-	$(PY) benchmarks/bench_optimizers.py
-	$(PY) benchmarks/bench_qlora.py
+	@set -e; for script in $(shell $(PY) -m qlora_edu.common.chapters benchmarks); do \
+		echo "== $$script"; $(PY) $$script; done
+
+# Regenerate the README's course table from the chapter manifests (tests/test_chapters.py fails when it is stale).
+readme: install
+	$(PY) -m qlora_edu.common.chapters readme
 
 # The book (Jupyter Book 1, offline, warnings are errors) -> jupyter_book/_build/html. Installs the `book` extra once.
 book: install

@@ -3,40 +3,42 @@
     .venv/bin/python benchmarks/bench_qlora.py [--repeats 7] [--batch 8] [--seq 32] [--profile] [--strict]
     .venv/bin/python benchmarks/bench_qlora.py --gpu        # Llama-7B shape, needs a CUDA GPU
 
-**CPU (default): the course model** (SmolLM2-135M-Instruct), both sides doing the same work:
+**CPU (default): the course model** (SmolLM2-135M-Instruct), both sides doing the same work, both set up by the
+course's one model set-up (``qlora_edu.common.training_setup.load_for_training``, float32 weights, r=16, alpha=32,
+dropout 0 on the seven projections, reentrant checkpointing):
 
-* ours: ``model, _ = load_base_model()`` (float32), then ``apply_qlora(model, LLAMA_TARGETS, r=16, alpha=32,
-  dropout=0, blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)``, then
+* ours, ``"qlora_scratch"``: ``load_base_model()`` (float32), then ``apply_qlora(model, LLAMA_TARGETS, r=16,
+  alpha=32, dropout=0, blocksize=64, double_quant=True, compute_dtype=torch.bfloat16)``, then
   ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})`` and
   ``model.enable_input_require_grads()``;
-* peft + bitsandbytes: ``load_base_model(quantization_config=BitsAndBytesConfig(load_in_4bit=True,
-  bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))``, then
-  ``prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": True})`` (freezes
-  everything, upcasts 16-bit dense parameters to float32 (here all are float32 already), calls
-  ``enable_input_require_grads`` and turns checkpointing on), then ``get_peft_model(model, LoraConfig(r=16,
-  lora_alpha=32, lora_dropout=0, target_modules=LLAMA_TARGETS))``.
+* peft + bitsandbytes, ``"qlora"``: ``load_base_model(quantization_config=bnb_config(torch.bfloat16))`` (NF4,
+  double quantization), then ``prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant":
+  True})`` (freezes everything, upcasts 16-bit dense parameters to float32 (here all are float32 already), calls
+  ``enable_input_require_grads`` and turns checkpointing on), then ``get_peft_model(model, lora_config(16, 32, 0))``.
 
 Either way: the 7 projections of the 30 layers in NF4 with double quantization (the same bytes), bf16 matmuls,
 float32 adapters (peft's default), embeddings / norms / lm_head float32 and frozen, checkpointing on.
 
-Step: ``loss = model(input_ids=t, labels=t).loss; loss.backward(); AdamW(lr=2e-4).step(); zero_grad()`` on a fixed
-batch of random token ids (``--batch`` x ``--seq``, default 8 x 32), train mode. Before timing, both sides' first
-losses are printed: they start from the same NF4 bytes with B = 0, so they must be equal.
+Step: one step of chapter 5's ``training_losses`` (``zero_grad(); loss = model(input_ids=t, labels=t).loss;
+loss.backward(); AdamW(lr=2e-4).step()``) on a fixed batch of random token ids (``--batch`` x ``--seq``, default
+8 x 32), train mode. Before timing, both sides' first losses are printed: they start from the same NF4 bytes
+with B = 0, so they must be equal.
 
 Reported: median step time of each over ``--repeats`` interleaved steps (ours, theirs, ours, ...) after 2 warm-up
 steps each, and the ratio ours / theirs (target <= 1.5), also as process CPU time (steadier when other processes
 share the cores); then the peak bytes autograd holds for backward during one
-step (:class:`qlora_edu.ch07_qlora.qlora.SavedTensorLog`, parameters excluded; target: ours no higher). Checkpointing is
+step (:class:`qlora_edu.ch07_qlora.tools.SavedTensorLog`, parameters excluded; target: ours no higher). Checkpointing is
 reentrant on both sides because the non-reentrant kind hides the recomputed layer's saved tensors from hooks.
 Then how much of our step is 4-bit dequantization (every ``dequantize_nf4`` call timed), and with ``--profile``
 the top operators of one step of each side (``torch.profiler``).
 
 **GPU (``--gpu``): a random-weight Llama-7B shape** (hidden 4096, MLP 11008, 32 layers, vocab 32000) in bf16,
 r=64, alpha=16, dropout 0.05 on all seven projections (the settings of the GPU facts file), batch 1 x 512,
-checkpointing on, ``torch.optim.AdamW``. Each side is built alone on the GPU (the other is freed first): ours =
-``apply_qlora`` + the same upcast of the non-4-bit parameters to float32 that ``prepare_model_for_kbit_training``
-does; theirs = ``apply_bnb_4bit`` (bitsandbytes ``Linear4bit`` from the same weights) + ``is_loaded_in_4bit = True``
-+ ``prepare_model_for_kbit_training`` + ``get_peft_model``. Reported: median step time (target: ours <= 1.2x) and
+checkpointing on, ``torch.optim.AdamW``. Each side is built alone on the GPU (the other is freed first) by
+``setup_training``: ours (``"qlora_scratch"``) = ``apply_qlora`` + the same upcast of the non-4-bit parameters to
+float32 that ``prepare_model_for_kbit_training`` does; theirs (``"qlora"``) = ``apply_bnb_4bit`` (bitsandbytes
+``Linear4bit`` from the same weights, ``is_loaded_in_4bit = True``) + ``prepare_model_for_kbit_training`` +
+``get_peft_model``. Reported: median step time (target: ours <= 1.2x) and
 ``torch.cuda.max_memory_allocated`` over the steps (target: ours no higher).
 
 ``--strict`` exits 1 when a target is missed; without it the script only reports.
@@ -56,9 +58,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from qlora_edu.ch05_optimizers.optim import training_losses
+from qlora_edu.ch06_lora.lora import LLAMA_TARGETS, count_parameters
 from qlora_edu.ch07_qlora import qlora
-from qlora_edu.ch06_lora.lora import LLAMA_TARGETS, count_parameters, lora_parameters
-from qlora_edu.ch07_qlora.qlora import SavedTensorLog, apply_bnb_4bit, apply_qlora
+from qlora_edu.ch07_qlora.tools import SavedTensorLog
+from qlora_edu.common.training_setup import load_for_training, setup_training
 
 CPU_TARGETS = {"time_ratio": 1.5}
 GPU_TARGETS = {"time_ratio": 1.2}
@@ -73,38 +77,10 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*")
 
 
-def bnb_config():
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
-
-
-def lora_config(r: int, alpha: float, dropout: float):
-    from peft import LoraConfig
-
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LLAMA_TARGETS),
-                      task_type="CAUSAL_LM")
-
-
-def upcast_non_4bit(model: nn.Module) -> None:
-    """What prepare_model_for_kbit_training does to the parameters that stay dense: fp16/bf16 -> float32."""
-    for p in model.parameters():
-        if p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
-
-
 def make_step(model: nn.Module, params: list[torch.Tensor], tokens: torch.Tensor) -> Callable[[], float]:
+    """One training step as a closure returning its loss: chapter 5's loop, one step at a time."""
     optimizer = torch.optim.AdamW(params, lr=2e-4)
-
-    def step() -> float:
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    return lambda: training_losses(model, tokens[None], optimizer, 1, progress=False)[0]
 
 
 def interleaved_wall_and_cpu(ours: Callable[[], object], theirs: Callable[[], object], repeats: int,
@@ -165,22 +141,9 @@ def profile(step: Callable[[], float], label: str, rows: int = 12) -> None:
 
 
 def build_cpu(side: str, r: int, alpha: float):
-    from qlora_edu.common.base_model import load_base_model
-
-    if side == "ours":
-        model, _ = load_base_model(progress=False)
-        apply_qlora(model, LLAMA_TARGETS, r, alpha, 0.0, 64, True, torch.bfloat16)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        model.enable_input_require_grads()
-        params = lora_parameters(model)
-    else:
-        from peft import get_peft_model, prepare_model_for_kbit_training
-
-        model, _ = load_base_model(progress=False, quantization_config=bnb_config())
-        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": True})
-        model = get_peft_model(model, lora_config(r, alpha, 0.0))
-        params = [p for p in model.parameters() if p.requires_grad]
-    return model.train(), params
+    model, _ = load_for_training("qlora_scratch" if side == "ours" else "qlora", dtype=torch.float32,
+                                 compute_dtype=torch.bfloat16, progress=False, r=r, alpha=alpha, dropout=0.0)
+    return model, [p for p in model.parameters() if p.requires_grad]
 
 
 def bench_cpu(args) -> int:
@@ -237,21 +200,9 @@ def build_gpu(side: str, r: int, alpha: float, dropout: float, config=None, devi
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config or llama7b_config(), dtype=torch.bfloat16)
-    if side == "ours":
-        apply_qlora(model, LLAMA_TARGETS, r, alpha, dropout, 64, True, torch.bfloat16)
-        upcast_non_4bit(model)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-        model.enable_input_require_grads()
-        params = lora_parameters(model)
-    else:
-        from peft import get_peft_model, prepare_model_for_kbit_training
-
-        apply_bnb_4bit(model, LLAMA_TARGETS, 64, True, torch.bfloat16)
-        model.is_loaded_in_4bit = True  # else prepare_model_for_kbit_training leaves checkpointing off
-        model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": True})
-        model = get_peft_model(model, lora_config(r, alpha, dropout))
-        params = [p for p in model.parameters() if p.requires_grad]
-    return model.train(), params
+    model = setup_training(model, "qlora_scratch" if side == "ours" else "qlora", r=r, alpha=alpha, dropout=dropout,
+                           compute_dtype=torch.bfloat16)
+    return model, [p for p in model.parameters() if p.requires_grad]
 
 
 def run_gpu_side(side: str, args) -> tuple[float, int]:

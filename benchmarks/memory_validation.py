@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/memory_validation.py [--course] [--no-cpu] [--write]
 
-1. Every training row of /work/shared/reference/gpu-facts.md (one H100, PagedAdamW32bit, LoRA r=64 on the
+1. Every training row of qlora_edu/reference/gpu-facts.md (one H100, PagedAdamW32bit, LoRA r=64 on the
    seven projections): predicted total (= torch peak + optimizer states, as the file defines it) and torch
    peak next to the measured ones. Nothing in the model is fitted to these rows.
 2. On this machine's CPU, a small random Llama set up as gpu_probe.py does: frozen + trainable weights,
@@ -37,11 +37,11 @@ from qlora_edu.ch04_memory.memory_probe import (
     course_training_model,
     gpu_facts_config,
     gpu_facts_rows,
-    make_optimizer,
     measure_training_step,
     random_batch,
     saved_activation_bytes,
 )
+from qlora_edu.common.training_setup import make_optimizer
 
 MiB = 2**20
 PARTS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states")
@@ -108,7 +108,7 @@ def cpu_small() -> None:
         wd = torch.float32 if method == "full" else torch.bfloat16  # full: float32, so torch AdamW has fp32 states
         model, trainable = build_training_model(config, method, lora_r=8, gradient_checkpointing=ckpt,
                                                 prepare_kbit=prepare, weight_dtype=wd)
-        optimizer = make_optimizer(trainable, "adamw")
+        optimizer = make_optimizer(trainable, "adamw", fused=True)
         for b, s in [(2, 64), (4, 128)]:
             meas = measure_training_step(model, optimizer, random_batch(config, b, s), steps=2)
             pred = training_memory(config, method, batch_size=b, seq_len=s, lora_r=8, gradient_checkpointing=ckpt,
@@ -121,7 +121,7 @@ def _course_setup(method: str, ckpt: bool) -> dict[str, list]:
     """One course-model set-up, measured in a child process (its memory goes back when it exits)."""
     config = llama_config("course")
     model, trainable = course_training_model(method, gradient_checkpointing=ckpt)
-    optimizer = make_optimizer(trainable, "adamw")
+    optimizer = make_optimizer(trainable, "adamw", fused=True)
     meas = measure_training_step(model, optimizer, random_batch(config, 2, 32), steps=2)
     pred = training_memory(config, method, batch_size=2, seq_len=32, lora_r=16, gradient_checkpointing=ckpt,
                            device="cpu", weight_dtype=torch.float32)

@@ -1,6 +1,7 @@
 """Write chapter 8's data set: ``qlora_edu/ch08_finetune/data/orders_train.jsonl`` (2,000 examples) and
-``qlora_edu/ch08_finetune/data/orders_heldout.jsonl`` (200), deterministically
-(:func:`qlora_edu.ch08_finetune.instruct_data.generate_dataset`).
+``qlora_edu/ch08_finetune/data/orders_heldout.jsonl`` (200) and ``orders_heldout_templates.jsonl`` (200: sentences,
+items and remarks never seen in training), deterministically (:func:`qlora_edu.ch08_finetune.instruct_data.
+generate_dataset` and :func:`~qlora_edu.ch08_finetune.instruct_data.generate_heldout_templates`).
 
     python scripts/make_finetune_data.py            # (re)write the committed files
     python scripts/make_finetune_data.py --check    # exit 1 if the committed files differ from a fresh generation

@@ -217,8 +217,25 @@ def execute(paths: list[Path], timeout: int = 1200) -> None:
         nb = nbformat.read(p, as_version=4)
         NotebookClient(nb, timeout=timeout, kernel_name="python3",
                        resources={"metadata": {"path": str(p.parent)}}).execute()
+        merge_streams(nb)
         nbformat.write(nb, p)
         print(f"executed {p}")
+
+
+def merge_streams(nb: nbformat.NotebookNode) -> None:
+    """Join consecutive outputs of one stream in each cell: a report that flushes line by line (``check()`` prints
+    each case as it runs) is saved as one block, as a learner sees it, not as hundreds of fragments."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        merged = []
+        for out in cell.outputs:
+            if out.output_type == "stream" and merged and merged[-1].output_type == "stream" \
+                    and merged[-1].name == out.name:
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        cell.outputs = merged
 
 
 def main(argv: list[str] | None = None) -> int:

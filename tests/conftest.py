@@ -49,7 +49,7 @@ def tiny_model_dir(tmp_path_factory):
     shapes wrongly on AVX512 CPUs; the real vocabulary, so the real tokenizer and chat template work."""
     from transformers import LlamaForCausalLM
 
-    from qlora_edu.ch07_qlora.qlora import tiny_llama_config
+    from qlora_edu.ch07_qlora.tools import tiny_llama_config
     from qlora_edu.ch08_finetune.instruct_data import load_tokenizer
 
     config = tiny_llama_config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=2,

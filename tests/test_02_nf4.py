@@ -338,7 +338,7 @@ BYTES5 = torch.zeros(5, dtype=torch.uint8)  # 10 codes
     (lambda c: dequantize_4bit(BYTES5, torch.ones(2), c, (10,)), ValueError, "absmax"),
     (lambda c: dequantize_4bit(BYTES5, torch.ones(1).double(), c, (10,)), TypeError, "absmax"),
     (lambda c: dequantize_4bit(BYTES5, torch.ones(1), c, 10), TypeError, "shape"),
-    (lambda c: dequantize_4bit(BYTES5, torch.ones(1), c, (10,), dtype=torch.int8), TypeError, "dtype"),
+    (lambda c: dequantize_4bit(BYTES5, torch.ones(1), c, (10,), dtype=torch.int8), ValueError, "dtype"),
     (lambda c: dequantize_nf4("not a tensor"), TypeError, "t"),
 ], ids=["int-x", "list-x", "empty-x", "nan-x", "inf-x", "15-codes", "float64-code", "code-without-0",
         "blocksize-48", "blocksize-16", "blocksize-8192", "float-blocksize", "int8-packed", "numel-vs-packed",

@@ -395,7 +395,7 @@ def test_storage_bad_input_names_the_argument(call, error, name):
 @pytest.mark.parametrize("shape", [(4096, 4096), (1536, 576), (11008, 4096)], ids=str)
 def test_cuda_nf4_storage(shape):
     """On CUDA: the CPU's packed bytes, and with rounding="nearest" bitsandbytes' CUDA codes of the constants
-    (its kernel rounds to the exactly nearest code; ../shared/reference/gpu-facts.md)."""
+    (its kernel rounds to the exactly nearest code; qlora_edu/reference/gpu-facts.md)."""
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
     cpu = quantize_nf4(x)

@@ -2,7 +2,7 @@
 
 Checked three ways, never against itself:
 
-* the H100 rows of /work/shared/reference/gpu-facts.md (measured with gpu_probe.py): totals within 5% with
+* the H100 rows of qlora_edu/reference/gpu-facts.md (measured with gpu_probe.py): totals within 5% with
   gradient checkpointing, 10% without;
 * on CPU, real set-ups built as gpu_probe.py builds them (a small random Llama here, the course model in the
   ``slow`` tests): weights, quantization constants, adapters, gradients and optimizer states within 1% of the
@@ -41,7 +41,6 @@ from qlora_edu.ch04_memory.memory_probe import (
     build_training_model,
     gpu_facts_config,
     gpu_facts_rows,
-    make_optimizer,
     measure_training_step,
     random_batch,
     saved_activation_bytes,
@@ -49,6 +48,7 @@ from qlora_edu.ch04_memory.memory_probe import (
     tensor_bytes,
 )
 from qlora_edu.checks import property_settings
+from qlora_edu.common.training_setup import make_optimizer
 
 test_battery_on_package, test_battery_on_solution, test_known_mistake_is_caught = battery_tests("04_memory")
 
@@ -107,10 +107,11 @@ def test_gpu_facts_rows(row):
 
 
 def test_gpu_facts_copy_matches_the_file():
-    """The committed copy of the rows (used where ../shared is absent) is a faithful transcription."""
-    if not GPU_FACTS_PATH.is_file():
-        pytest.skip(f"{GPU_FACTS_PATH} is not on this machine; the rows come from the committed copy")
+    """The rows committed with the module are a faithful transcription of the in-repository gpu-facts.md, which is
+    what gpu_facts_rows() reads by default."""
+    assert GPU_FACTS_PATH.is_file() and "reference" in GPU_FACTS_PATH.parts, GPU_FACTS_PATH
     rows = gpu_facts_rows(GPU_FACTS_PATH)
+    assert rows == gpu_facts_rows()
     assert all(row in rows for row in H100_ROWS), [row for row in H100_ROWS if row not in rows]
     assert gpu_facts_config(rows[0]).num_attention_heads == rows[0]["hidden"] // 128
 
@@ -146,7 +147,7 @@ def setup(method: str, ckpt: bool):
         config = tiny_config()
         model, trainable = build_training_model(config, method, lora_r=8, gradient_checkpointing=ckpt,
                                                 weight_dtype=wd)
-        optimizer = make_optimizer(trainable, "adamw")
+        optimizer = make_optimizer(trainable, "adamw", fused=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             meas = measure_training_step(model, optimizer, random_batch(config, 2, 32), steps=2)
@@ -358,8 +359,12 @@ def test_largest_fitting_helpers():
     assert training_memory(c, "qlora", batch_size=b, seq_len=512).total <= gpu
     assert training_memory(c, "qlora", batch_size=b + 1, seq_len=512).total > gpu
     n = largest_seq_len(c, "qlora", gpu, batch_size=1, multiple_of=128)
-    assert n % 128 == 0 and fits(c, "qlora", gpu, batch_size=1, seq_len=n)
-    assert not fits(c, "qlora", gpu, batch_size=1, seq_len=n + 128)
+    assert n == c.max_position_embeddings  # memory allows more on 24 GiB; the model takes 2,048 tokens
+    wide = llama_config("7B")
+    wide.max_position_embeddings = 1 << 20  # a long-context variant of the same shape: memory is the limit
+    n = largest_seq_len(wide, "qlora", gpu, batch_size=1, multiple_of=128)
+    assert n % 128 == 0 and fits(wide, "qlora", gpu, batch_size=1, seq_len=n)
+    assert not fits(wide, "qlora", gpu, batch_size=1, seq_len=n + 128)
     assert largest_batch_size(c, "full", gpu, seq_len=512) == 0  # 7B full fine-tuning needs far more
     assert largest_model("qlora", 48 * GiB) == "65B"  # the QLoRA paper's claim: 65B on one 48 GB card
     assert largest_model("lora", 48 * GiB) in ("7B", "13B")
@@ -417,7 +422,7 @@ def test_course_model_on_cpu(method):
     config = llama_config("course")
     model, trainable = course_training_model(method, lora_r=16, gradient_checkpointing=True)
     assert all(getattr(model.config, k) == v for k, v in COURSE_MODEL_SHAPE.items())
-    optimizer = make_optimizer(trainable, "adamw")
+    optimizer = make_optimizer(trainable, "adamw", fused=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         meas = measure_training_step(model, optimizer, random_batch(config, 1, 16), steps=2)

@@ -338,8 +338,10 @@ def test_bad_arguments():
         LoRALinear(lin, 2, -1)
     with pytest.raises(ValueError, match="dropout"):
         LoRALinear(lin, 2, 4, dropout=1.0)
-    with pytest.raises(TypeError, match="adapter_dtype"):
+    with pytest.raises(ValueError, match="adapter_dtype"):  # a dtype, the wrong one: a value error
         LoRALinear(lin, 2, 4, adapter_dtype=torch.int8)
+    with pytest.raises(TypeError, match="adapter_dtype"):
+        LoRALinear(lin, 2, 4, adapter_dtype="bf16")
     layer = LoRALinear(lin, 2, 4)
     with pytest.raises(ValueError, match="in_features = 8"):
         layer(torch.randn(3, 5))

@@ -29,22 +29,12 @@ import torch.nn.functional as F
 from chapter_battery import battery_tests, control_passes
 from torch import nn
 
-from qlora_edu.ch03_double_quant.nf4_tensor import NF4Tensor, dequantize_nf4, quantize_nf4
+from qlora_edu.ch03_double_quant.nf4_codec import dequantize_nf4, quantize_nf4
+from qlora_edu.ch03_double_quant.nf4_tensor import NF4Tensor
 from qlora_edu.ch06_lora.lora import LLAMA_TARGETS, LoRALinear, count_parameters, lora_parameters
-from qlora_edu.ch07_qlora.qlora import (
-    NF4Linear,
-    QLoRALinear,
-    SavedTensorLog,
-    apply_bnb_4bit,
-    apply_qlora,
-    compare_training,
-    copy_adapters_to_peft,
-    nf4_linear,
-    nf4_matmul,
-    tiny_llama_config,
-    to_bnb_linear4bit,
-    trace_flow,
-)
+from qlora_edu.ch07_qlora.qlora import NF4Linear, QLoRALinear, apply_qlora, nf4_linear, nf4_matmul, trace_flow
+from qlora_edu.ch07_qlora.tools import SavedTensorLog, compare_training, copy_adapters_to_peft, tiny_llama_config
+from qlora_edu.common.training_setup import apply_bnb_4bit, make_optimizer, setup_training, to_bnb_linear4bit
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # no warning about the optional `kernels` package
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -321,6 +311,60 @@ def test_training_curves_agree():
     assert result.ours[-1] < result.ours[0] - 0.5, "the adapters must learn the batch"
 
 
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "qlora_scratch"])
+def test_one_model_set_up_gives_each_recipe(method):
+    """qlora_edu.common.training_setup.setup_training, the course's one set-up, on a dense random Llama: what trains,
+    what is stored in 4 bits, and adapters that are a pure function of the seed (the caller's generator untouched)."""
+    import bitsandbytes as bnb
+    from transformers import LlamaForCausalLM
+
+    def build(seed):
+        torch.manual_seed(123)  # the random model's weights
+        model = LlamaForCausalLM(tiny_llama_config()).to(torch.bfloat16)
+        state = torch.get_rng_state()
+        model = setup_training(model, method, r=4, alpha=8, dropout=0.0, seed=seed, gradient_checkpointing=False)
+        assert torch.equal(torch.get_rng_state(), state)  # seeded on a fork of the generator
+        return model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    model, adapters = build(seed=0)
+    n_linears = 7 * tiny_llama_config().num_hidden_layers
+    n_4bit = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    n_ours = sum(isinstance(m, QLoRALinear) for m in model.modules())
+    assert (n_4bit, n_ours) == {"qlora": (n_linears, 0), "qlora_scratch": (0, n_linears)}.get(method, (0, 0))
+    if method == "full":
+        assert len(adapters) == len(list(model.parameters()))
+        return
+    assert len(adapters) == 2 * n_linears and all("lora_" in n for n in adapters)
+    if method != "lora":  # prepare_model_for_kbit_training (or the scratch path's copy of it): no 16-bit weight left
+        assert not any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+    same, other = build(seed=0)[1], build(seed=1)[1]
+    assert all(torch.equal(adapters[n], same[n]) for n in adapters)
+    assert any(not torch.equal(adapters[n], other[n]) for n in adapters if "lora_A" in n)
+
+
+def test_one_model_set_up_rejects_bad_arguments():
+    """The set-up's guards name the argument (TypeError for a wrong type, ValueError for a wrong value)."""
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="method"):
+        setup_training(model, "qlora4")
+    with pytest.raises(ValueError, match="targets"):
+        setup_training(model, "lora", targets=("q_proj", "w_proj"))
+    with pytest.raises(TypeError, match="targets"):
+        setup_training(model, "lora", targets="q_proj")
+    with pytest.raises(ValueError, match="dropout"):
+        setup_training(model, "lora", dropout=1.0)
+    with pytest.raises(TypeError, match="model"):
+        setup_training("model", "full")
+    with pytest.raises(ValueError, match="name"):
+        make_optimizer([nn.Parameter(torch.zeros(2))], "adam")
+    with pytest.raises(ValueError, match="lr"):
+        make_optimizer([nn.Parameter(torch.zeros(2))], "adamw", lr=0.0)
+    with pytest.raises(TypeError, match="params"):
+        make_optimizer(torch.zeros(2), "adamw")
+    with pytest.raises(TypeError, match="base"):
+        to_bnb_linear4bit(model)
+
+
 def test_trace_flow_rows_are_the_real_tensors():
     ours, _ = pair()
     x = torch.randn(2, 4, IN)
@@ -359,7 +403,7 @@ def test_merge_equals_forward_in_float32_compute():
 
 def test_bad_arguments():
     base = linear()
-    with pytest.raises(TypeError, match="compute_dtype"):
+    with pytest.raises(ValueError, match="compute_dtype"):  # a dtype, the wrong one: a value error
         QLoRALinear.from_linear(base, R, ALPHA, compute_dtype=torch.int8)
     with pytest.raises(ValueError, match="blocksize"):
         QLoRALinear.from_linear(base, R, ALPHA, blocksize=48)
@@ -383,7 +427,7 @@ def test_bad_arguments():
         nf4_matmul(torch.randn(2, IN), base.weight)
     with pytest.raises(ValueError, match="frozen"):
         nf4_matmul(torch.randn(2, IN), t, torch.zeros(OUT, requires_grad=True))
-    with pytest.raises(TypeError, match="compute_dtype"):
+    with pytest.raises(ValueError, match="compute_dtype"):
         nf4_linear(torch.randn(2, IN), t, None, torch.float64)
     with pytest.raises(ValueError, match="bias"):
         nf4_linear(torch.randn(2, IN), t, torch.zeros(OUT - 1))

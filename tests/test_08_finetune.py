@@ -21,13 +21,14 @@ from chapter_battery import battery_tests
 
 from conftest import ROOT
 from qlora_edu.ch08_finetune.finetune import (
+    COURSE_SCHEDULE,
     FinetuneConfig,
     atomic_directory,
     batch_indices,
-    bnb_config,
     build_optimizer,
     default_config,
     evaluate,
+    heldout_loss,
     inference_mode,
     learning_rate_at,
     load_checkpoint,
@@ -55,6 +56,7 @@ from qlora_edu.ch08_finetune.instruct_data import (
     score_answers,
     sign_test_p_value,
 )
+from qlora_edu.common.training_setup import bnb_config
 
 test_battery_on_package, test_battery_on_solution, test_known_mistake_is_caught = battery_tests("08_finetune")
 
@@ -207,23 +209,37 @@ def test_paired_bootstrap_interval():
 def test_paper_config_is_artidoro_qlora():
     c = paper_config()
     assert (c.learning_rate, c.warmup_ratio, c.max_grad_norm, c.lora_r, c.lora_alpha, c.optimizer, c.weight_decay,
-            c.gradient_checkpointing, c.steps, c.batch_size) == (2e-4, 0.03, 0.3, 64, 16, "paged_adamw_32bit", 0.0,
-                                                                 True, 1875, 16)
+            c.gradient_checkpointing, c.steps, c.batch_size, c.lora_dropout) == (
+        2e-4, 0.0, 0.3, 64, 16, "paged_adamw", 0.0, True, 1875, 16, 0.1)  # artidoro/qlora's 7B script
     assert set(c.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     cpu, gpu = default_config("cpu", smoke=False), default_config("cuda", smoke=False)
     assert (cpu.learning_rate, cpu.lora_r, cpu.lora_alpha, cpu.batch_size) == (1e-3, 16, 16, 8)
-    assert replace(gpu, steps=1875) == c
+    assert replace(gpu, steps=1875) == replace(c, **COURSE_SCHEDULE)  # the course keeps a warm-up and 0.05
     assert default_config("cpu", smoke=True).steps < 10
     q = bnb_config(torch.bfloat16)
     assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == (
         True, "nf4", True, torch.bfloat16)
 
 
+def test_paper_schedule_is_transformers_constant_which_ignores_warmup():
+    """artidoro/qlora passes --lr_scheduler_type constant with --warmup_ratio 0.03: get_scheduler returns the constant
+    schedule before it reads the warm-up, so the paper's runs had none, and paper_config() says so."""
+    from transformers import get_scheduler
+
+    config = paper_config(100)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    schedule = get_scheduler("constant", opt, num_warmup_steps=3, num_training_steps=100)
+    for step in range(10):
+        assert learning_rate_at(step, config) == opt.param_groups[0]["lr"] == config.learning_rate
+        opt.step()
+        schedule.step()
+
+
 @pytest.mark.parametrize("steps", [10, 100, 1875])
 def test_learning_rate_matches_transformers_constant_schedule_with_warmup(steps):
     from transformers import get_constant_schedule_with_warmup
 
-    config = paper_config(steps)
+    config = paper_config(steps, warmup_ratio=0.03)  # the course's warm-up (the paper's constant schedule has none)
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=config.learning_rate)
     schedule = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=math.ceil(0.03 * steps))
@@ -327,7 +343,7 @@ def test_peft_model_is_the_recipe(tiny_model_dir, cpu_compute):
     assert len(linears4) == 14 and all(m.weight.quant_state.quant_type == "nf4" for m in linears4)
     assert all(m.weight.quant_state.nested for m in linears4)  # double quantization
     assert model.get_input_embeddings().weight.dtype == torch.float32  # prepare_model_for_kbit_training's upcast
-    assert model.base_model.model.is_activation_checkpointing
+    assert model.base_model.model.is_gradient_checkpointing
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_model_dir, cpu_compute, few_examples,
@@ -413,6 +429,25 @@ def test_evaluation_does_not_repack_the_4bit_weights(tiny_model_dir, cpu_compute
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+
+
+def test_heldout_loss_is_transformers_loss_weighted_by_scored_tokens(tiny_model_dir, cpu_compute):
+    """heldout_loss against transformers' own causal-LM loss: one batch of all the examples gives exactly the model's
+    ``.loss`` (mean over the response tokens); smaller batches give the same number (batches weigh by their scored
+    tokens); and it computes without gradients, in train mode afterwards, so the 4-bit weights are not repacked."""
+    model, tok = load_qlora_model(tiny_model_dir, config=TINY, compute=cpu_compute, progress=False)
+    examples = load_dataset("heldout")[:6]
+    batch = collate_examples(tok, examples)
+    with inference_mode(model), torch.no_grad():
+        reference = float(model(**batch, use_cache=False).loss)
+    whole = heldout_loss(model, tok, examples, batch_size=6)
+    assert whole == pytest.approx(reference, rel=1e-5)
+    assert heldout_loss(model, tok, examples, batch_size=4) == pytest.approx(reference, rel=1e-5)
+    assert model.training and whole > 0
+    with pytest.raises(ValueError, match="examples"):
+        heldout_loss(model, tok, [], batch_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        heldout_loss(model, tok, examples, batch_size=0)
 
 
 def test_scratch_path_trains_only_the_adapters(tiny_model_dir, cpu_compute, few_examples, tmp_path, tokenizer):
@@ -577,3 +612,41 @@ def test_gpu_trains_a_tiny_llama_both_ways(method, tiny_model_dir, few_examples,
     assert all(math.isfinite(x) for x in result.losses)
     assert result.peak_memory_bytes is not None and result.peak_memory_bytes > 0
     assert (tmp_path / "checkpoint" / "optimizer.pt").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# The held-out-templates split (issue 19: the held-out split shares the training sentences)
+
+
+def test_heldout_templates_split_is_committed_and_shares_no_sentence_with_training():
+    from qlora_edu.ch08_finetune.instruct_data import generate_heldout_templates
+
+    committed = load_dataset("heldout_templates")
+    assert [(e.id, e.message, e.answer) for e in committed] == \
+        [(e.id, e.message, e.answer) for e in generate_heldout_templates()]
+    train_set = load_dataset("train")
+    train_text = " ".join(e.message for e in train_set)
+    train_items = {e.answer["item"] for e in train_set}
+    # the templates' fixed words: what is left of a message once its names, city and goods are cut out
+    train_skeletons = {_skeleton(e) for e in train_set}
+    for e in committed:
+        first, last = e.answer["customer"].split()
+        assert first not in train_text and last not in train_text and e.answer["city"] not in train_text, e
+        assert e.answer["item"] not in train_items, e
+        assert _skeleton(e) not in train_skeletons, e
+    assert 0.15 < sum(e.answer["express"] for e in committed) / len(committed) < 0.5
+    assert len({_skeleton(e) for e in committed}) >= 8
+
+
+def _skeleton(example) -> str:
+    """The message with its customer, city and goods (quantity and noun) replaced by placeholders: the template and
+    the remark, the words a model sees in every message of their kind."""
+    import re
+
+    from qlora_edu.ch08_finetune.instruct_data import _NUMBER_WORDS, _QUANTITY_PHRASES
+
+    text = example.message.replace(example.answer["customer"], "{name}").replace(example.answer["city"], "{city}")
+    quantities = "|".join(sorted({*_QUANTITY_PHRASES.values(), *_NUMBER_WORDS, "a", r"\d+"}, key=len, reverse=True))
+    goods, n = re.subn(rf"\b(?:{quantities}) {example.answer['item'][:3]}\w*", "{goods}", text)
+    assert n == 1, example
+    return goods

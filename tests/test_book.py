@@ -131,22 +131,25 @@ def test_glossary_defines_the_course_terms():
     assert needed <= terms, f"missing: {sorted(needed - terms)}"
 
 
-def test_generated_tables_list_every_lesson(tmp_path):
-    """The landing page's course map and the guide's run times: one row per lesson, times from the notebooks."""
-    from qlora_edu.common.doctor import chapter_facts, format_seconds
+def test_generated_tables_list_every_chapter(tmp_path):
+    """The landing page's course map and path table, the guide's run times: one row per chapter manifest, the
+    recorded runs read from the notebooks."""
+    from qlora_edu.common.chapters import all_chapters, format_seconds, recorded_run
 
-    course_map, run_times = _course_book().write_generated(tmp_path)[:2]
-    facts = chapter_facts(ROOT)
-    rows = [ln for ln in course_map.read_text().splitlines()[2:] if ln.startswith("|")]
-    assert len(rows) == len(facts) > 0
-    for row, f in zip(rows, facts, strict=True):
-        assert f"](../notebooks/{f.stem}.ipynb)" in row
-        if f.recorded_device == "cpu":
-            assert f"| {format_seconds(f.lesson_seconds)} | not measured |" in row
-    assert len([ln for ln in run_times.read_text().splitlines()[2:] if ln.startswith("|")]) == len(facts)
+    files = {p.stem: p.read_text() for p in _course_book().write_generated(tmp_path)}
+    chapters = all_chapters()
+    for name in ("course_map", "paths", "run_times"):
+        rows = [ln for ln in files[name].splitlines()[2:] if ln.startswith("|")]
+        assert len(rows) == len(chapters) > 0, name
+    for row, c in zip(files["course_map"].splitlines()[2:], chapters, strict=True):
+        assert f"](../notebooks/{c.stem}.ipynb)" in row
+    for row, c in zip(files["run_times"].splitlines()[2:], chapters, strict=True):
+        run = recorded_run(ROOT / c.lesson)
+        assert f"| {format_seconds(run.seconds if run else None)} |" in row
 
 
-@pytest.mark.parametrize(("page", "table"), [("intro.md", "course_map"), ("instructor_guide.md", "run_times"),
+@pytest.mark.parametrize(("page", "table"), [("intro.md", "course_map"), ("intro.md", "paths"),
+                                             ("instructor_guide.md", "run_times"),
                                              ("instructor_guide.md", "agenda_half_day"),
                                              ("instructor_guide.md", "agenda_full_day")])
 def test_pages_include_the_generated_tables(page, table):
@@ -182,20 +185,30 @@ def test_widget_views_a_learner_works_become_the_note():
 
 def test_agenda_times_come_from_the_recorded_runs():
     """Start times add up the planned slots; the machine time is the recorded lesson + solution run; a slot whose
-    runs take over half of it warns; a chapter with no notebooks yet says so."""
-    from qlora_edu.common.doctor import ChapterFacts
+    runs take over half of it warns; a take-home chapter is listed after the end."""
+    from qlora_edu.common.chapters import chapter, format_seconds, recorded_run
 
-    def fact(stem, lesson_s, solution_s):
-        return ChapterFacts(stem=stem, number=int(stem[:2]), title=stem, lesson=ROOT / f"notebooks/{stem}.ipynb",
-                            exercise=None, solution=ROOT / "x.ipynb" if solution_s is not None else None,
-                            builds=None, checked_against=None, lesson_seconds=lesson_s, solution_seconds=solution_s,
-                            recorded_on=None, recorded_device="cpu", path_note=None, follows_machine=False)
-
-    slots = [(15, "Setup", [], ""), (20, "One", ["01_a:lesson", "01_a:solution"], "note"),
-             (10, "Long", ["02_b:lesson"], ""), (30, "Later", ["03_c:lesson"], "")]
-    text = _course_book().agenda_markdown([fact("01_a", 30.0, 15.0), fact("02_b", 400.0, None)], slots)
+    book = _course_book()
+    tour, absmax = chapter("00_tour"), chapter("01_absmax")
+    lesson = recorded_run(ROOT / tour.lesson).seconds
+    slots = [book.Slot(15, "Setup"), book.chapter_slot(tour, 20, notes="note"),
+             book.chapter_slot(tour, 1, part="lesson"), book.Slot(30, "Later")]
+    text = book.agenda_markdown(slots, [absmax])
     rows = [ln.split(" | ") for ln in text.splitlines()[2:]]
-    assert [r[0] for r in rows] == ["| 0:00", "| 0:15", "| 0:35", "| 0:45", "| 1:15"]
-    assert rows[1][3] == "30 s lesson + 15 s solution" and rows[1][4] == "note |"
-    assert rows[2][3] == "6.7 min lesson" and "over half the slot" in rows[2][4]
-    assert "not in the course yet (03_c)" in rows[3][3]
+    assert [r[0] for r in rows] == ["| 0:00", "| 0:15", "| 0:35", "| 0:36", "| 1:06", "| take-home"]
+    assert rows[1][1] == f"Chapter 0, {tour.title}: lesson" and rows[1][3] == f"{format_seconds(lesson)} lesson"
+    assert rows[1][4] == "note |" and "over half the slot" not in rows[1][4]
+    assert "over half the slot" in rows[2][4]  # the tour's run does not fit half of one minute
+    assert rows[5][1] == f"Chapter 1, {absmax.title}"
+
+
+def test_the_slot_of_a_chapter_follows_its_manifest():
+    from qlora_edu.common.chapters import chapter
+
+    book = _course_book()
+    nf4 = chapter("02_nf4")
+    slot = book.chapter_slot(nf4)
+    assert (slot.minutes, slot.runs, slot.notes) == (nf4.workshop_minutes, ("02_nf4:lesson", "02_nf4:solution"),
+                                                     nf4.workshop_note)
+    assert book.chapter_slot(nf4, 30, "exercise").runs == ("02_nf4:solution",)
+    assert book.chapter_slot(chapter("00_tour")).text.endswith(": lesson")

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from qlora_edu import MIN_ABSMAX, NF4_OFFSET
 from qlora_edu.ch02_nf4.guards import (
     check_dequantize_4bit_args,
     check_finite_absmax,
@@ -30,8 +31,6 @@ from qlora_edu.ch02_nf4.guards import (
     check_quantize_4bit_args,
     check_unpack_4bit_args,
 )
-from qlora_edu.ch02_nf4.nf4 import NF4_OFFSET
-from qlora_edu.ch02_nf4.quant4bit import MIN_ABSMAX
 
 # %% [markdown]
 # ## Exercise 2.1: the NF4 table
@@ -251,8 +250,9 @@ print(f"identical to the package: {ppl_mine == ppl_package}; "
 # %% [markdown] tags=["answer"]
 # **Answer.** One of its 16 codes is spent on a value it can already represent: only 15 levels are
 # distinct, as in Int4 (at most log2(15) = 3.91 bits of information instead of 4). Worse, its two
-# subnormal levels ±0.0052 are almost zero as well, so near zero FP4 has four codes within ±0.005 and then a
-# gap up to ±0.167, exactly where most block-normalised weights lie. The lesson measured the result:
+# subnormal levels ±0.0052 are almost zero as well, so near zero FP4 has four codes (three values: 0 twice
+# and ±0.0052) and then a gap up to ±0.167, exactly where most block-normalised weights lie. The lesson
+# measured the result:
 # FP4's weight error is about 10% above Int4's and a third above NF4's, and its perplexity is close to Int4's.
 
 # %% [markdown]

@@ -18,7 +18,7 @@
 import torch
 import torch.nn.functional as F
 
-from qlora_edu.ch03_double_quant.double_quant import GRID_POINTS, grid_lookup_table
+from qlora_edu import GRID_POINTS, grid_lookup_table
 from qlora_edu.ch03_double_quant.guards import (
     check_double_dequantize_args,
     check_double_quantize_args,
@@ -88,7 +88,7 @@ print("index of 0.0:", int((table == 0).nonzero()), " values > 0.1:", int((table
 # @solution qlora_edu.ch03_double_quant.double_quant.double_dequantize
 
 # %% [markdown]
-# Try them on the constants of a random weight-like matrix. How close should they come back? A centred
+# Try them on the constants of a random matrix. How close should they come back? A centred
 # constant is rounded to a map value at most half a map step away (plus one grid cell, 2/65535, with the
 # CPU grid); the widest step (between 0.1 and 1) is 0.9/64, so no constant moves by more than
 # `(0.9/128 + 1/65535) * absmax2` of its block. Relative to the constant itself that bound is largest for

@@ -22,8 +22,8 @@ import math
 import torch
 from transformers import LlamaConfig
 
-from qlora_edu.ch04_memory.guards import LORA_TARGETS, check_static_tensors_args
-from qlora_edu.ch04_memory.memory import DQ_BLOCK, MIN_8BIT_NUMEL, PAGED_MIN_NUMEL, STATE_BLOCK, StaticTensor
+from qlora_edu import DQ_BLOCK, LLAMA_TARGETS, MIN_8BIT_NUMEL, PAGED_MIN_NUMEL, STATE_BLOCK, StaticTensor
+from qlora_edu.ch04_memory.guards import check_static_tensors_args
 
 # %% [markdown]
 # ## Exercise 4.1: every resident tensor
@@ -130,5 +130,6 @@ check(static_tensors)
 # %% [markdown] tags=["answer"]
 # **Answer.** 159.9 M × 8 bytes = 1,279 MB = 1,220 MiB. With 8-bit AdamW each state is one byte plus one
 # float32 absmax per 256 values: 2 × (1 + 4/256) = 2.03 bytes a parameter, about 310 MiB, a saving of
-# ~910 MiB. Compared with the ~3.7 GB of frozen weights and the activations that is useful but not decisive;
-# it mattered much more for full fine-tuning, where the states are 8 bytes for *every* weight.
+# ~910 MiB. Compared with the 3,687 MiB (3.87 GB) of frozen weights and the activations that is useful but not decisive;
+# it matters much more for full fine-tuning, where the states are 8 bytes for *every* weight (of the
+# 12 bytes a parameter of chapter 4's baseline, bf16 weights and gradients plus fp32 states).

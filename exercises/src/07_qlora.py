@@ -25,7 +25,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from qlora_edu.ch03_double_quant.nf4_tensor import NF4Tensor, dequantize_nf4, quantize_nf4
+from qlora_edu.ch03_double_quant.nf4_codec import dequantize_nf4, quantize_nf4
+from qlora_edu.ch03_double_quant.nf4_tensor import NF4Tensor
 from qlora_edu.ch07_qlora.guards import check_nf4_linear_args, check_nf4_matmul_args
 
 # %% [markdown]
@@ -176,9 +177,12 @@ print(f"the bf16 weight is {576 * 1536 * 2 / 2**20:.3f} MiB, its NF4 storage {w4
 # %% [markdown] tags=["answer"]
 # **Answer.** One more dequantization per layer and step: forward dequantizes, backward dequantizes again (and
 # with gradient checkpointing the forward is recomputed, so three dequantizations of each weight per step).
-# Dequantizing is a read of 4.127 bits and a write of 16 bits per weight, cheap next to the matmul on a GPU
-# (gpu-facts: 0.1 ms for a 4096 × 4096 weight against 0.2 ms for its bf16 matmul of 4,096 tokens) and a larger
-# share on a CPU, where the lesson measures it. bitsandbytes' `MatMul4Bit` makes the same trade.
+# Dequantizing is a read of 4.127 bits and a write of 16 bits per weight. Whether that is cheap depends on the
+# tokens: on an H100 (gpu-facts, 2026-11-22) it takes 0.115 ms for a 4096 × 4096 weight, against 0.197 ms for
+# its bf16 matmul of 4,096 tokens (a fraction of it), but about 0.025 ms for a matmul of the recipe's 512 tokens
+# (an eighth, estimated): there the dequantization costs several times the matmul, three times a step. That is
+# why QLoRA's tokens/s trail LoRA's; the lesson (section 6b) measures both sizes on the CPU. bitsandbytes'
+# `MatMul4Bit` makes the same trade.
 
 # %% [markdown]
 # **Q4.** Why return the result in `x`'s dtype rather than in the compute dtype?

@@ -22,8 +22,8 @@
 # %% tags=["setup"]
 import torch
 
+from qlora_edu import IGNORE_INDEX
 from qlora_edu.ch08_finetune.guards import check_mask_prompt_labels_args
-from qlora_edu.ch08_finetune.instruct_data import IGNORE_INDEX
 
 # %% [markdown]
 # ## Exercise 8.1: the mask
@@ -69,7 +69,7 @@ check(mask_prompt_labels)
 # whose id is the pad id.
 
 # %%
-from qlora_edu.ch08_finetune.instruct_data import encode_example, load_dataset, load_tokenizer
+from qlora_edu import encode_example, load_dataset, load_tokenizer
 
 tokenizer = load_tokenizer()
 examples = load_dataset("train")[:8]

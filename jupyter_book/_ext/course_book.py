@@ -1,17 +1,19 @@
-"""The book's one local Sphinx extension: measured tables, and widget outputs a static page can show.
+"""The book's one local Sphinx extension: tables generated from the chapter manifests, and widget outputs a
+static page can show.
 
-1. **Generated tables.** Before Sphinx reads a page (``builder-inited``), :func:`write_generated` writes two MyST
+1. **Generated tables.** Before Sphinx reads a page (``builder-inited``), :func:`write_generated` writes MyST
    files into ``jupyter_book/_build/generated/``, which the landing page and the instructor guide ``{include}``:
 
-   * ``course_map.md``: one row a lesson: title (from the notebook), what you build and what it is checked
-     against (chapter 0's course map), links to its exercise and solution, and its run time;
-   * ``run_times.md``: the recorded run times of every lesson and solution, with the date and the device;
-   * ``agenda_half_day.md``, ``agenda_full_day.md``: the instructor guide's agendas: the planned slots of
-     :data:`AGENDAS` with the recorded machine time of the notebooks each slot runs, and a warning where that
-     run takes more than half of the slot.
+   * ``course_map.md``, ``paths.md``: the course map and each chapter's path without / with a GPU, as the README
+     and the tour show them (:func:`qlora_edu.common.chapters.course_map_markdown`, ``paths_markdown``);
+   * ``run_times.md``: each chapter's declared full run next to the recorded runs of its lesson and solution;
+   * ``agenda_half_day.md``, ``agenda_full_day.md``: the instructor guide's agendas, with the recorded machine
+     time of the notebooks each slot runs, and a warning where that run takes more than half of the slot.
 
-   Every figure comes from :func:`qlora_edu.common.doctor.chapter_facts`, i.e. from the timing metadata Jupyter saved in
-   the committed notebooks: nothing is typed in by hand, so a re-executed notebook updates the book. The same
+   The chapters' facts (titles, what they build, paths, expected times, workshop minutes) come from their
+   manifests (``qlora_edu/chNN_name/__init__.py``: ``CHAPTER``); the recorded runs from the timing metadata
+   Jupyter saved in the committed notebooks (:func:`qlora_edu.common.chapters.recorded_run`). Nothing about a
+   chapter is typed here: a new chapter appears in every table, and in the full-day agenda, by itself. The same
    function is runnable alone (``python jupyter_book/_ext/course_book.py``), which is what a Jupyter Book 2 build
    (no Sphinx extensions) would run first.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -39,148 +42,152 @@ ROOT = BOOK.parent                                      # the repository (Sphinx
 GENERATED = BOOK / "_build" / "generated"
 WIDGET_NOTE = ("Interactive widget (sliders): it needs a running Python kernel, so it works in JupyterLab (",
                "make lab", "), not on this page.")
+if str(ROOT) not in sys.path:  # the package of the clone this book is built from
+    sys.path.insert(0, str(ROOT))
+
+from qlora_edu.common.chapters import (  # noqa: E402 - needs the path above
+    Chapter,
+    all_chapters,
+    chapter,
+    course_map_markdown,
+    format_minutes,
+    format_seconds,
+    paths_markdown,
+    recorded_run,
+    table_cell,
+)
 
 
-def _cell(text: str) -> str:
-    """A value safe inside a Markdown table cell."""
-    return (text or "").replace("|", "\\|").replace("\n", " ").strip() or "–"
+def _seconds(notebook: str | None) -> float | None:
+    run = recorded_run(ROOT / notebook) if notebook else None
+    return run.seconds if run else None
 
 
-def _link(path: Path | None, label: str) -> str:
-    """A link from a page in jupyter_book/ to a notebook of the course ("–" when there is none)."""
-    return f"[{label}](../{path.relative_to(ROOT).as_posix()})" if path is not None else "–"
-
-
-def course_map_markdown(facts) -> str:
-    """The landing page's course map: one row a lesson."""
-    from qlora_edu.common.doctor import format_seconds
-
-    lines = ["| # | Chapter | You build | Checked against | Exercise | Run time, CPU | Run time, GPU |",
-             "|---|---|---|---|---|---|---|"]
-    for f in facts:
-        cpu = format_seconds(f.lesson_seconds) if f.recorded_device == "cpu" else "not measured"
-        gpu = format_seconds(f.lesson_seconds) if f.recorded_device == "cuda" else "not measured"
-        notebooks = " / ".join(_link(p, label) for p, label in [(f.exercise, "exercise"), (f.solution, "solution")]
-                               if p is not None) or "–"
-        lines.append(f"| {f.number} | {_link(f.lesson, _cell(f.title))} | {_cell(f.builds)} | "
-                     f"{_cell(f.checked_against)} | {notebooks} | {cpu} | {gpu} |")
+def run_times_markdown(chapters: tuple[Chapter, ...] | None = None) -> str:
+    """The instructor guide's table: each chapter's declared full run beside the recorded runs of its notebooks."""
+    lines = ["| # | Chapter | Expected, two CPU cores | Lesson's recorded run | Solution's recorded run "
+             "| Recorded on |", "|---|---|---|---|---|---|"]
+    for c in all_chapters() if chapters is None else chapters:
+        lesson = recorded_run(ROOT / c.lesson)
+        solution = format_seconds(_seconds(c.solution_notebook)) if c.exercise else "no exercise"
+        lines.append(f"| {c.number} | {table_cell(c.title)} | {format_minutes(c.cpu_minutes)} | "
+                     f"{format_seconds(lesson.seconds if lesson else None)} | {solution} | "
+                     f"{lesson.date if lesson else '–'} |")
     return "\n".join(lines) + "\n"
 
 
-def run_times_markdown(facts) -> str:
-    """The instructor guide's table: the recorded run of every lesson and solution."""
-    from qlora_edu.common.doctor import format_seconds
+@dataclass(frozen=True)
+class Slot:
+    """One row of an agenda: planned minutes, what happens, the notebooks it runs (``"NN_name:lesson"`` /
+    ``"NN_name:solution"``), notes. The minutes are a plan (reading, explaining, the exercise); the machine time
+    beside them is measured (:func:`agenda_markdown`)."""
 
-    lines = ["| Chapter | Lesson run | Solution run | Recorded on | Device of the run | Path on a GPU machine |",
-             "|---|---|---|---|---|---|"]
-    for f in facts:
-        if f.follows_machine:
-            path = "GPU (`pick_compute()`)"
-        elif f.path_note:  # the lesson prints "This chapter's path: the CPU in float32 on every machine"
-            path = "CPU (on every machine)"
-        else:
-            path = "CPU"
-        solution = format_seconds(f.solution_seconds) if f.solution else "no exercise"
-        lines.append(f"| {f.number} {_cell(f.title)} | {format_seconds(f.lesson_seconds)} | {solution} | "
-                     f"{f.recorded_on or '–'} | {f.recorded_device or 'not recorded'} | {path} |")
-    return "\n".join(lines) + "\n"
+    minutes: int
+    text: str
+    runs: tuple[str, ...] = ()
+    notes: str = ""
 
 
-#: The workshop agendas: (planned minutes, slot, notebooks the slot runs as "NN_name:lesson" / "NN_name:solution",
-#: notes). The minutes are a plan (reading, explaining, the exercise); the machine time beside them is measured
-#: (:func:`agenda_markdown`). A chapter whose notebooks are not in the course yet says so in its row.
-AGENDAS = {
-    "half_day": [
-        (15, "Set-up check: everyone's `doctor` is green or yellow", [],
-         "fix red lines in pairs; anyone still installing follows the book"),
-        (20, "Chapter 0, tour: the model; are weights normal?", ["00_tour:lesson"],
-         "converts the bundled model on first use: ask the room to run it the day before"),
-        (45, "Chapter 1, absmax blocks: lesson + exercise", ["01_absmax:lesson", "01_absmax:solution"],
-         "the widget shows the outlier problem; the exercise ends with `check(...)`"),
-        (10, "Break", [], ""),
-        (40, "Chapter 2, NF4: lesson", ["02_nf4:lesson"],
-         "start Run All first: the perplexity section is the morning's longest run"),
-        (30, "Chapter 2: exercise", ["02_nf4:solution"], "the battery compares the learners' bytes with bitsandbytes'"),
-        (40, "Chapter 3, double quantization: lesson + exercise", ["03_double_quant:lesson",
-                                                                  "03_double_quant:solution"],
-         "ends at 4.127 bits per parameter, measured"),
-        (10, "Wrap-up: where LoRA and training come in (chapters 4-9 in the book)", [], ""),
-    ],
-    "full_day": [
-        (10, "Set-up check: everyone's `doctor` is green or yellow", [], "the model converted the day before"),
-        (15, "Chapter 0, tour", ["00_tour:lesson"], ""),
-        (35, "Chapter 1, absmax blocks: lesson + exercise", ["01_absmax:lesson", "01_absmax:solution"], ""),
-        (10, "Break", [], ""),
-        (50, "Chapter 2, NF4: lesson + exercise", ["02_nf4:lesson", "02_nf4:solution"],
-         "start Run All first (perplexity)"),
-        (40, "Chapter 3, double quantization: lesson + exercise", ["03_double_quant:lesson",
-                                                                  "03_double_quant:solution"], ""),
-        (20, "Questions; the memory bill of a 7B model as a preview", [], ""),
-        (60, "Lunch", [], "start chapter 8's fine-tune now on slow laptops"),
-        (35, "Chapter 4, the memory formula: lesson + exercise", ["04_memory:lesson", "04_memory:solution"],
-         "predicted against measured memory"),
-        (45, "Chapter 5, optimizers and paging: lesson + exercise", ["05_optimizers:lesson",
-                                                                    "05_optimizers:solution"],
-         "paging needs a GPU: on a CPU bitsandbytes runs the paged optimizers unpaged"),
-        (10, "Break", [], ""),
-        (40, "Chapter 6, LoRA: lesson + exercise", ["06_lora:lesson", "06_lora:solution"], "checked against peft"),
-        (40, "Chapter 7, QLoRA from scratch: lesson + exercise", ["07_qlora:lesson", "07_qlora:solution"], ""),
-        (40, "Chapter 8, the fine-tune: start it, explain while it runs", ["08_finetune:lesson",
-                                                                          "08_finetune:solution"],
-         "chapter 9's labs are the take-home"),
-    ],
-}
+def chapter_slot(c: Chapter, minutes: int | None = None, part: str | None = None, notes: str | None = None) -> Slot:
+    """The slot of chapter ``c``: its manifest's title, workshop minutes and note unless given; ``part`` is
+    ``"lesson"``, ``"exercise"`` or (default) the lesson and, when the chapter has one, the exercise."""
+    part = part or ("lesson + exercise" if c.exercise else "lesson")
+    runs = tuple(f"{c.stem}:{kind}" for kind, name in (("lesson", "lesson"), ("solution", "exercise"))
+                 if name in part)
+    return Slot(c.workshop_minutes if minutes is None else minutes, f"Chapter {c.number}, {c.title}: {part}", runs,
+                c.workshop_note if notes is None else notes)
 
 
-def _slot_runs(runs: list[str], by_stem: dict) -> tuple[list[tuple[str, float | None]], list[str]]:
-    """``[(what, recorded seconds or None), ...]`` for a slot's notebooks, and the chapters not written yet."""
-    found, missing = [], []
+#: The full day's slots that are not chapters, each placed after the chapter whose number it names (None: before
+#: the first). Every chapter with workshop minutes in its manifest takes its slot, in course order, between them.
+FULL_DAY_OTHER_SLOTS: tuple[tuple[int | None, Slot], ...] = (
+    (None, Slot(10, "Set-up check: everyone's `doctor` is green or yellow", (), "the model converted the day before")),
+    (1, Slot(10, "Break")),
+    (3, Slot(20, "Questions; the memory bill of a 7B model as a preview")),
+    (3, Slot(60, "Lunch", (), "start chapter 8's fine-tune now on slow laptops")),
+    (5, Slot(10, "Break")),
+)
+
+
+def full_day() -> list[Slot]:
+    """The full-day agenda: the chapters' own slots (manifest minutes) with the breaks of
+    :data:`FULL_DAY_OTHER_SLOTS`; chapters with no workshop minutes are the take-home (see :func:`take_home`)."""
+    slots = [s for after, s in FULL_DAY_OTHER_SLOTS if after is None]
+    for c in all_chapters():
+        if c.workshop_minutes:
+            slots.append(chapter_slot(c))
+        slots += [s for after, s in FULL_DAY_OTHER_SLOTS if after == c.number]
+    return slots
+
+
+def half_day() -> list[Slot]:
+    """The half day, chapters 0-3 (from a weight to 4.127 bits): its own minutes, the manifests' titles."""
+    return [
+        Slot(15, "Set-up check: everyone's `doctor` is green or yellow", (),
+             "fix red lines in pairs; anyone still installing follows the book"),
+        chapter_slot(chapter("00_tour"), 20, notes="converts the bundled model on first use: ask the room to run it "
+                     "the day before"),
+        chapter_slot(chapter("01_absmax"), 45, notes="the widget shows the outlier problem; the exercise ends with "
+                     "`check(...)`"),
+        Slot(10, "Break"),
+        chapter_slot(chapter("02_nf4"), 40, "lesson"),
+        chapter_slot(chapter("02_nf4"), 30, "exercise", "the battery compares the learners' bytes with bitsandbytes'"),
+        chapter_slot(chapter("03_double_quant"), 40, notes="ends at 4.127 bits per parameter, measured"),
+        Slot(10, "Wrap-up: where LoRA and training come in (the later chapters, in the book)"),
+    ]
+
+
+def take_home() -> list[Chapter]:
+    """The chapters the full day leaves as take-home (no workshop minutes in their manifest)."""
+    return [c for c in all_chapters() if not c.workshop_minutes]
+
+
+def _slot_runs(runs: tuple[str, ...], by_stem: dict[str, Chapter]) -> list[tuple[str, float | None]]:
+    """``[(what, recorded seconds or None), ...]`` for a slot's notebooks."""
+    found = []
     for run in runs:
         stem, kind = run.split(":")
-        f = by_stem.get(stem)
-        if f is None or (kind == "solution" and f.solution is None):
-            missing.append(stem)
-        else:
-            found.append((kind, f.lesson_seconds if kind == "lesson" else f.solution_seconds))
-    return found, missing
+        c = by_stem[stem]
+        found.append((kind, _seconds(c.lesson if kind == "lesson" else c.solution_notebook)))
+    return found
 
 
-def agenda_markdown(facts, slots) -> str:
+def agenda_markdown(slots: list[Slot], take_home_chapters: list[Chapter] = ()) -> str:
     """An agenda as a table: start (h:mm from the start of the day), the slot and its planned minutes, the
-    recorded CPU machine time of the notebooks it runs, notes (a warning where that time exceeds half the slot)."""
-    from qlora_edu.common.doctor import format_seconds
-
-    by_stem = {f.stem: f for f in facts}
+    recorded CPU machine time of the notebooks it runs, notes (a warning where that time exceeds half the slot);
+    then the take-home chapters, if any."""
+    by_stem = {c.stem: c for c in all_chapters()}
     lines = ["| Start | Slot | Planned | Machine time, CPU (recorded runs) | Notes |", "|---|---|---|---|---|"]
     minute = 0
-    for planned, slot, runs, notes in slots:
-        found, missing = _slot_runs(runs, by_stem)
-        if not runs:
+    for slot in slots:
+        notes = slot.notes
+        if not slot.runs:
             machine = "–"
-        elif missing:
-            machine = f"chapter not in the course yet ({', '.join(sorted(set(missing)))})"
         else:
+            found = _slot_runs(slot.runs, by_stem)
             machine = " + ".join(f"{format_seconds(sec)} {kind}" if sec is not None else f"{kind} not recorded"
                                  for kind, sec in found)
-            if sum(sec or 0.0 for _, sec in found) > planned * 60 / 2:
+            if sum(sec or 0.0 for _, sec in found) > slot.minutes * 60 / 2:
                 notes = (notes + "; " if notes else "") + ("**the runs take over half the slot**: start Run All "
                                                            "at its beginning, or `QLORA_EDU_SMOKE=1 make lab`")
-        lines.append(f"| {minute // 60}:{minute % 60:02d} | {_cell(slot)} | {planned} min | {machine} | "
-                     f"{_cell(notes)} |")
-        minute += planned
+        lines.append(f"| {minute // 60}:{minute % 60:02d} | {table_cell(slot.text)} | {slot.minutes} min | {machine} | "
+                     f"{table_cell(notes)} |")
+        minute += slot.minutes
     lines.append(f"| {minute // 60}:{minute % 60:02d} | End | | | |")
+    for c in take_home_chapters:
+        lesson = _seconds(c.lesson)
+        lines.append(f"| take-home | Chapter {c.number}, {table_cell(c.title)} | | "
+                     f"{format_seconds(lesson)} lesson | {table_cell(c.workshop_note)} |")
     return "\n".join(lines) + "\n"
 
 
 def write_generated(out: Path = GENERATED) -> list[Path]:
-    """Write ``course_map.md``, ``run_times.md`` and the agendas into ``out``; rewrite a file only when its text
-    changed (Sphinx then re-reads only the pages whose included tables changed)."""
-    from qlora_edu.common.doctor import chapter_facts
-
-    facts = chapter_facts(ROOT)
+    """Write the course map, the paths, the run times and the agendas into ``out``; rewrite a file only when its
+    text changed (Sphinx then re-reads only the pages whose included tables changed)."""
     out.mkdir(parents=True, exist_ok=True)
-    texts = [("course_map.md", course_map_markdown(facts)), ("run_times.md", run_times_markdown(facts))]
-    texts += [(f"agenda_{name}.md", agenda_markdown(facts, slots)) for name, slots in AGENDAS.items()]
+    texts = [("course_map.md", course_map_markdown("jupyter_book")), ("paths.md", paths_markdown()),
+             ("run_times.md", run_times_markdown()), ("agenda_half_day.md", agenda_markdown(half_day())),
+             ("agenda_full_day.md", agenda_markdown(full_day(), take_home()))]
     written = []
     for name, text in texts:
         path = out / name

@@ -19,4 +19,5 @@ CHAPTER = Chapter(
     exercise=False,
     gpu_tests=False,
     benchmarks=(),
+    tests=False,
 )

@@ -50,7 +50,11 @@ def absmax_quantize(x: torch.Tensor, bits: int = 4, blocksize: int = 64) -> tupl
     # Hint: end with `scales` (float32, one per block) and `codes` (any shape, the n codes first in flat order).
     flat = x.detach().flatten().float()
     blocks = F.pad(flat, (0, n_blocks(n, blocksize) * blocksize - n)).view(-1, blocksize)
-    scales = blocks.abs().amax(dim=1) / qmax
+    absmax = blocks.abs().amax(dim=1)
+    # Divide by a tensor, not by the number qmax: on CUDA, PyTorch computes `tensor / number` as
+    # tensor * (1 / number), which misses the correctly rounded quotient by one ulp on about half the values
+    # for qmax = 7. Tensor / tensor is IEEE division on every device, so CPU and CUDA give the same bits.
+    scales = absmax / absmax.new_tensor(qmax)
     # Divide by 1 where the block is all zeros: its elements are 0, so their codes stay 0.
     safe = torch.where(scales == 0, torch.ones_like(scales), scales)
     codes = torch.round(blocks / safe[:, None]).clamp_(-qmax, qmax)

@@ -8,8 +8,9 @@ from qlora_edu.common.guards import check_dtype, check_float_tensor, check_int, 
 
 
 def check_absmax_quantize_args(x: object, bits: object, blocksize: object) -> None:
-    """``x``: a finite float tensor; ``bits``: 2..8; ``blocksize``: >= 1."""
-    check_float_tensor("x", x)
+    """``x``: a finite float tensor within float32's range (the scales are float32); ``bits``: 2..8;
+    ``blocksize``: >= 1."""
+    check_float_tensor("x", x, float32_range=True)
     check_int("bits", bits, low=2, high=8)
     check_int("blocksize", blocksize, low=1)
 

@@ -14,9 +14,10 @@ CHAPTER = Chapter(
     checked_against='bitsandbytes, byte for byte',
     cpu_path='CPU: the perplexity of 5 weight formats',
     gpu_path=SAME_AS_CPU,
-    cpu_minutes=3.0,
+    cpu_minutes=2.5,
     workshop_minutes=50,
     exercise=True,
     gpu_tests=True,
-    benchmarks=('benchmarks/bench_nf4.py', ),
+    benchmarks=('benchmarks/bench_nf4.py',),
+    workshop_note='start Run All first: the perplexity section is the longest run of the morning',
 )

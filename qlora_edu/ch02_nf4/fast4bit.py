@@ -4,8 +4,8 @@
 lesson: one
 vectorized pass over the whole tensor each, readable top to bottom, and correct on CPU and CUDA alike. The QLoRA
 layer of chapter 7 dequantizes every weight in every forward and backward pass, so
-:func:`~qlora_edu.ch03_double_quant.nf4_tensor.quantize_nf4` /
-:func:`~qlora_edu.ch03_double_quant.nf4_tensor.dequantize_nf4` call the two functions
+:func:`~qlora_edu.ch03_double_quant.nf4_codec.quantize_nf4` /
+:func:`~qlora_edu.ch03_double_quant.nf4_codec.dequantize_nf4` call the two functions
 here instead, the way nanoGPT keeps a flash-attention path beside the manual one. Each is checked equal to the
 lesson's function (and to bitsandbytes) in ``tests/test_02_nf4.py``.
 
@@ -25,7 +25,7 @@ between calls. Measured against bitsandbytes in ``benchmarks/bench_nf4.py``.
 
 On CUDA there are no page faults to dodge: quantizing is the lesson's function, and dequantizing is the lesson's
 lookup-and-multiply compiled by ``torch.compile`` into one fused kernel (4096 x 4096 on an H100: eager 0.315 ms,
-compiled 0.095 ms, bitsandbytes' kernel 0.115 ms, bit-identical; ``../shared/reference/gpu-facts.md``).
+compiled 0.095 ms, bitsandbytes' kernel 0.115 ms, bit-identical; ``qlora_edu/reference/gpu-facts.md``).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 
 from qlora_edu.ch02_nf4.guards import check_dequantize_4bit_args, check_quantize_4bit_args
 from qlora_edu.ch02_nf4.quant4bit import dequantize_4bit, quantize_4bit
+from qlora_edu.common.guards import check_float32_range
 
 __all__ = ["quantize_4bit_fast", "dequantize_4bit_fast", "dequantize_4bit_unchecked", "byte_pair_table"]
 
@@ -65,7 +66,8 @@ def quantize_4bit_fast(x: torch.Tensor, code: torch.Tensor,
             packed[start // 2: start // 2 + slice_packed.numel()] = slice_packed.view(-1)
             absmax[start // blocksize: start // blocksize + slice_absmax.numel()] = slice_absmax
     except ValueError:
-        check_quantize_4bit_args(x.float(), code, blocksize)  # not a bad argument: so a slice found NaN or inf;
+        check_quantize_4bit_args(x.float(), code, blocksize)  # not a bad argument: so a slice found NaN or inf,
+        check_float32_range("x", x)  # or a float64 value too large for the float32 constants;
         raise ValueError(f"x must be finite: it holds {int((~torch.isfinite(x)).sum())} NaN or inf value(s)") \
             from None  # report the count for the whole tensor, not the slice
     return packed.view(-1, 1), absmax
@@ -90,7 +92,7 @@ def dequantize_4bit_unchecked(packed: torch.Tensor, absmax: torch.Tensor, code: 
                               blocksize: int, dtype: torch.dtype, pair_table: torch.Tensor | None = None
                               ) -> torch.Tensor:
     """:func:`dequantize_4bit_fast` for callers that checked the arguments already (``code`` on ``packed``'s
-    device). :func:`qlora_edu.ch03_double_quant.nf4_tensor.dequantize_nf4` runs on every weight in every pass of the
+    device). :func:`qlora_edu.ch03_double_quant.nf4_codec.dequantize_nf4` runs on every weight in every pass of the
     QLoRA layer,
     and passes the ``pair_table`` it keeps per device: on a small weight, re-checking the code table and
     rebuilding the pair table cost as much as the lookup itself."""

@@ -7,14 +7,16 @@ import math
 import torch
 
 from qlora_edu.common.guards import (
-    FLOAT_DTYPES,
     all_finite,
     check_dtype,
+    check_dtype_choice,
+    check_float32_range,
     check_float_tensor,
     check_int,
     check_power_of_two,
     check_same_device,
     check_shape,
+    float_dtypes,
     n_blocks,
 )
 
@@ -71,6 +73,8 @@ def check_finite_absmax(x: torch.Tensor, absmax: torch.Tensor) -> None:
     maxima costs 1/blocksize of checking ``x``, and only a bad ``x`` pays for counting its bad values."""
     if not all_finite(absmax):
         n_bad = int((~torch.isfinite(x)).sum())
+        if n_bad == 0:  # a finite float64 x whose block maximum does not fit the float32 constants
+            check_float32_range("x", x)
         raise ValueError(f"x must be finite: it holds {n_bad} NaN or inf value(s)")
 
 
@@ -84,8 +88,7 @@ def check_dequantize_4bit_args(packed: object, absmax: object, code: object, sha
     check_code(code)
     shape = check_shape("shape", shape)
     check_blocksize(blocksize)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+    check_dtype_choice("dtype", dtype, float_dtypes())
     check_same_device(packed=packed, absmax=absmax)
     n = math.prod(shape)
     if packed.numel() != math.ceil(n / 2):

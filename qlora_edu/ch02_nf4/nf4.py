@@ -28,7 +28,8 @@ Two remarks for the course:
   table :func:`nf4_code` returns). We follow the code and the appendix, because the code made the checkpoints.
 * The table gives every code an equal share only of the normal it assumes, N(0, 1/Phi^-1(offset)^2), std
   0.541; absmax-normalised blocks of 64 are narrower (std ~0.39), so the inner codes are used more often
-  (chapter 2 measures it; Yoshida 2023, arXiv 2306.06965).
+  (chapter 2 measures it; Yoshida 2023, arXiv 2306.06965, shows why: after absmax normalisation the
+  distribution depends on the block size).
 * Why ``offset = 0.9677083``? The authors never documented it (bitsandbytes issue #440 asks). Some offset
   below 1 is needed because ``Phi^-1(1) = inf``. This one equals ``1 - (1/30 + 1/32) / 2``, the mean of
   ``1 - 1/(2*15)`` and ``1 - 1/(2*16)``, the centres of the last bin when ``[0, 1]`` is cut into 15 or 16

@@ -111,8 +111,9 @@ def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     """Reverse :func:`quantize_4bit`: ``code[q] * absmax`` in float32, rounded to ``dtype``, in ``shape``.
 
     Equal to ``bitsandbytes.functional.dequantize_4bit`` where that is correct (see the course notes:
-    bitsandbytes 0.50.2 on AVX512 CPUs gets multi-row shapes whose last dimension is a multiple of 16 but
-    not of the blocksize wrong); a 1-D shape comes back 1-D (bitsandbytes returns ``(1, n)``).
+    bitsandbytes 0.50.2 on the AVX512 CPUs we ran it on gets multi-row shapes whose last dimension is a
+    multiple of 16 but not of the blocksize, with a block crossing a row end, wrong); a 1-D shape comes back
+    1-D (bitsandbytes returns ``(1, n)``).
 
     Args:
         packed: uint8 tensor of ``ceil(n / 2)`` bytes (any shape, e.g. ``(ceil(n/2), 1)``).

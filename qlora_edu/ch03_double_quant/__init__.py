@@ -14,9 +14,9 @@ CHAPTER = Chapter(
     checked_against='bitsandbytes, byte for byte',
     cpu_path='CPU, float32',
     gpu_path=SAME_AS_CPU,
-    cpu_minutes=1.5,
+    cpu_minutes=0.5,
     workshop_minutes=40,
     exercise=True,
     gpu_tests=True,
-    benchmarks=('benchmarks/bench_nf4.py', ),
+    benchmarks=('benchmarks/bench_nf4.py',),
 )

@@ -1,16 +1,18 @@
 """Guards of chapter 3's functions: :mod:`qlora_edu.ch03_double_quant.double_quant` and
-:mod:`qlora_edu.ch03_double_quant.nf4_tensor`."""
+:mod:`qlora_edu.ch03_double_quant.nf4_codec`."""
 
 from __future__ import annotations
 
 import torch
 
 from qlora_edu.ch02_nf4.guards import check_blocksize
+from qlora_edu.ch03_double_quant.nf4_tensor import NF4Tensor
 from qlora_edu.common.guards import (
     check_bool,
     check_choice,
     check_dtype,
     check_float_tensor,
+    check_instance,
     check_power_of_two,
     check_same_device,
     check_tensor,
@@ -46,6 +48,13 @@ def check_double_quantize_args(absmax: object, blocksize: object, rounding: obje
                          f"{float(absmax.min())}")
     check_blocksize2("blocksize", blocksize)
     check_choice("rounding", rounding, ROUNDINGS)
+    # The offset is the constants' float32 mean: their sum must not overflow float32 on the way (weights near
+    # 1e38 do that; the result would be an infinite offset and NaN weights). One float64 sum of n / 64 values.
+    total, limit = float(absmax.double().sum()), torch.finfo(torch.float32).max
+    if total > limit:
+        raise ValueError(f"absmax (the block constants) sums to {total:.4g}, beyond float32's range ({limit:.4g}): "
+                         "their float32 mean, the offset, would overflow; scale the weight down, or quantize it "
+                         "without double quantization (double_quant=False)")
 
 
 def check_double_dequantize_args(codes: object, offset: object, absmax2: object, blocksize: object) -> torch.Tensor:
@@ -89,7 +98,4 @@ def check_quantize_nf4_args(x: object, blocksize: object, double_quant: object, 
 
 
 def check_dequantize_nf4_args(t: object) -> None:
-    from qlora_edu.ch03_double_quant.nf4_tensor import NF4Tensor
-
-    if not isinstance(t, NF4Tensor):
-        raise TypeError(f"t must be an NF4Tensor, got {type(t).__name__}")
+    check_instance("t", t, NF4Tensor, "from quantize_nf4")

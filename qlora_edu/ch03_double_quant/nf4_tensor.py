@@ -1,32 +1,29 @@
-"""Chapter 3: a weight stored the way QLoRA stores it, NF4 codes plus double-quantized constants.
+"""Chapter 3: :class:`NF4Tensor`, a weight as QLoRA stores it (NF4 codes plus, usually, double-quantized constants).
 
-:class:`NF4Tensor` holds exactly the tensors that are kept (so ``nbytes`` is the real storage cost), and
-:func:`quantize_nf4` / :func:`dequantize_nf4` go to and from it, equal to bitsandbytes'
-``quantize_4bit(..., quant_type="nf4", compress_statistics=True)`` and ``dequantize_4bit``:
-
-    weight --quantize_4bit(nf4_code(), 64)--> packed codes (4 bits) + absmax (float32, one per 64)
-    absmax --double_quantize(256)----------> 8-bit codes + offset (the mean) + absmax2 (one per 256)
-
-(:mod:`qlora_edu.ch02_nf4.quant4bit`, :mod:`qlora_edu.ch03_double_quant.double_quant`). The 4-bit steps run through
-:mod:`qlora_edu.ch02_nf4.fast4bit` (the same bytes, faster, on the weight's own device), because the from-scratch QLoRA
-layer dequantizes every weight in every forward and backward pass. All tensors of an :class:`NF4Tensor` live
-on the device of the weight it was made from.
+The type only: it holds exactly the tensors that are kept (so ``nbytes`` is the real storage cost) and checks, when
+built, that they fit together. :mod:`qlora_edu.ch03_double_quant.nf4_codec` makes one from a weight
+(:func:`~qlora_edu.ch03_double_quant.nf4_codec.quantize_nf4`) and reads it back
+(:func:`~qlora_edu.ch03_double_quant.nf4_codec.dequantize_nf4`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from qlora_edu.ch02_nf4.fast4bit import byte_pair_table, dequantize_4bit_unchecked, quantize_4bit_fast
-from qlora_edu.ch02_nf4.nf4 import nf4_code
-from qlora_edu.ch03_double_quant.double_quant import double_quantize, dynamic_map
-from qlora_edu.ch03_double_quant.guards import check_dequantize_nf4_args, check_quantize_nf4_args
+from qlora_edu.common.guards import (
+    check_bool,
+    check_dtype,
+    check_length,
+    check_power_of_two,
+    check_same_device,
+    check_shape,
+    n_blocks,
+)
 
-__all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4"]
+__all__ = ["NF4Tensor"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +55,36 @@ class NF4Tensor:
     absmax2: torch.Tensor | None = None
     blocksize2: int = 256
 
+    def __post_init__(self) -> None:
+        """Check that the parts fit together, so a hand-built NF4Tensor cannot dequantize to truncated or
+        mis-scaled values. Only shapes, dtypes and devices are compared (no pass over the data, no GPU sync):
+        the QLoRA layer builds one on every forward pass."""
+        n = math.prod(check_shape("shape", self.shape))
+        object.__setattr__(self, "shape", torch.Size(self.shape))
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype (the weight's), got {self.dtype!r}")
+        check_power_of_two("blocksize", self.blocksize, low=32, high=4096)
+        check_bool("double_quant", self.double_quant)
+        check_dtype("packed", self.packed, torch.uint8)
+        check_length("packed", self.packed, n_blocks(n, 2), f"two 4-bit codes a byte for {n} weights")
+        blocks = n_blocks(n, self.blocksize)
+        if self.double_quant:
+            check_dtype("absmax", self.absmax, torch.uint8)
+            check_power_of_two("blocksize2", self.blocksize2, low=32, high=4096)
+            check_dtype("offset", self.offset, torch.float32)
+            check_length("offset", self.offset, 1, "the constants' mean")
+            check_dtype("absmax2", self.absmax2, torch.float32)
+            check_length("absmax2", self.absmax2, n_blocks(blocks, self.blocksize2),
+                         f"one per {self.blocksize2} of the {blocks} constants")
+            check_same_device(packed=self.packed, absmax=self.absmax, offset=self.offset, absmax2=self.absmax2)
+        else:
+            check_dtype("absmax", self.absmax, torch.float32)
+            if self.offset is not None or self.absmax2 is not None:
+                raise ValueError("offset and absmax2 belong to double quantization: pass double_quant=True, "
+                                 "or leave them None")
+            check_same_device(packed=self.packed, absmax=self.absmax)
+        check_length("absmax", self.absmax, blocks, f"one constant per {self.blocksize} of the {n} weights")
+
     @property
     def device(self) -> torch.device:
         return self.packed.device
@@ -80,58 +107,3 @@ class NF4Tensor:
         constants = f"double_quant=True, blocksize2={self.blocksize2}" if self.double_quant else "double_quant=False"
         return (f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, {constants}, "
                 f"nbytes={self.nbytes}, {self.bits_per_param:.3f} bits/param)")
-
-
-def quantize_nf4(x: torch.Tensor, blocksize: int = 64, double_quant: bool = True, rounding: str = "grid",
-                 blocksize2: int = 256) -> NF4Tensor:
-    """Store ``x`` as QLoRA does: NF4 codes, with the constants double-quantized by default.
-
-    Matches ``bitsandbytes.functional.quantize_4bit(x, quant_type="nf4", blocksize=blocksize,
-    compress_statistics=double_quant)``: the packed bytes, and ``absmax`` / ``offset`` / ``state2.absmax``
-    (with ``rounding="grid"``; ``"nearest"`` differs on ~0.2% of the constants' codes).
-    """
-    check_quantize_nf4_args(x, blocksize, double_quant, rounding, blocksize2)
-    packed, absmax = quantize_4bit_fast(x, nf4_code(), blocksize)
-    if not double_quant:
-        return NF4Tensor(packed, absmax, x.shape, x.dtype, blocksize)
-    # The float32 mean of the constants can depend on how many threads sum it; bitsandbytes takes it with the
-    # caller's threads, and so do we: same threads, same last bit, same codes.
-    codes, offset, absmax2 = double_quantize(absmax, blocksize2, rounding)
-    return NF4Tensor(packed, codes, x.shape, x.dtype, blocksize, True, offset, absmax2, blocksize2)
-
-
-def dequantize_nf4(t: NF4Tensor) -> torch.Tensor:
-    """The weight back from an :class:`NF4Tensor`, in its original shape and dtype.
-
-    Equal to :func:`~qlora_edu.ch03_double_quant.double_quant.double_dequantize` followed by
-    :func:`~qlora_edu.ch02_nf4.quant4bit.dequantize_4bit` (and to bitsandbytes' ``dequantize_4bit``), bit for bit; the
-    tests check both. The QLoRA layer calls it for every weight in every forward and backward pass, so it skips
-    the per-call work that does not depend on the weight: the tables come from :func:`_format_tables`, and the
-    tensors of an :class:`NF4Tensor` were checked when :func:`quantize_nf4` made them.
-    """
-    check_dequantize_nf4_args(t)
-    nf4, pair_table, dmap = _format_tables(t.device)
-    absmax = _double_dequantize(t.absmax, t.offset, t.absmax2, t.blocksize2, dmap) if t.double_quant else t.absmax
-    return dequantize_4bit_unchecked(t.packed, absmax, nf4, t.shape, t.blocksize, t.dtype, pair_table)
-
-
-@functools.cache
-def _format_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """NF4's 16 levels, their byte-pair table and the signed dynamic map, on ``device``: constants of the format,
-    built once per device (rebuilding them on every call took about a third of dequantizing a 576 x 576 weight).
-    Private and never handed out, so nothing can change them in place."""
-    nf4 = nf4_code().to(device)
-    return nf4, byte_pair_table(nf4), dynamic_map(True).to(device)
-
-
-def _double_dequantize(codes: torch.Tensor, offset: torch.Tensor, absmax2: torch.Tensor, blocksize: int,
-                       table: torch.Tensor) -> torch.Tensor:
-    """:func:`~qlora_edu.ch03_double_quant.double_quant.double_dequantize` with the dynamic map passed in and no
-    padding copy: the
-    same two float32 steps (times ``absmax2``, plus ``offset``), so the same bits (``tests/test_03_double_quant``)."""
-    values = table[codes.reshape(-1).long()]
-    m = values.numel()
-    full = m - m % blocksize
-    values[:full].view(-1, blocksize).mul_(absmax2[: full // blocksize, None])
-    values[full:].mul_(absmax2[-1])  # the last, partial block (empty when m is a multiple of blocksize)
-    return values.add_(offset)

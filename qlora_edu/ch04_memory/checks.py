@@ -31,7 +31,7 @@ def _config(**kw):
 
     base = dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                tie_word_embeddings=False)
+                tie_word_embeddings=False, use_cache=False)  # training: no KV cache (and no note about it)
     return LlamaConfig(**{**base, **kw})
 
 

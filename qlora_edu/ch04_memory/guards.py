@@ -13,20 +13,21 @@ from dataclasses import dataclass
 
 import torch
 
-from qlora_edu.common.guards import check_int, check_power_of_two
+from qlora_edu.common.guards import check_bool, check_choice, check_device, check_int, check_power_of_two
+from qlora_edu.common.names import OPTIMIZERS, check_targets
 
 METHODS = ("full", "lora", "qlora")
 STATIC_PARTS = ("frozen_weights", "trainable_weights", "gradients", "optimizer_states")
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTIONS = ("sdpa", "eager")
+#: ``config.model_type`` values whose models are dense Llama-style decoders (what the memory formula describes).
+COVERED_MODEL_TYPES = ("llama", "mistral")
 DEVICES = ("cuda", "cpu")
 LLAMA_NAMES = ("7B", "13B", "33B", "65B", "course")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 #: The keyword settings of ``training_memory`` and their defaults (``None`` = derived from the method
 #: and the other arguments; :func:`resolve_settings` fills them in). The standard QLoRA recipe that
-#: ``/work/shared/reference/gpu-facts.md`` measured.
+#: ``qlora_edu/reference/gpu-facts.md`` measured.
 SETTING_DEFAULTS: dict[str, object] = {
     "weight_dtype": torch.bfloat16,   # dtype the unquantized weights are built in
     "compute_dtype": torch.bfloat16,  # the 4-bit linears' compute dtype (bnb_4bit_compute_dtype)
@@ -43,22 +44,6 @@ SETTING_DEFAULTS: dict[str, object] = {
     "reentrant": None,                # checkpointing flavour: derived (peft's prepare -> reentrant)
     "workspace_bytes": 0,             # CUDA libraries' scratch allocated in the torch pool (cuBLAS)
 }
-
-
-def check_bool(name: str, value: object) -> bool:
-    """``value`` must be a Python bool."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__}")
-    return value
-
-
-def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    """``value`` must be one of the strings ``choices``."""
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, one of {list(choices)}, got {type(value).__name__}")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
 
 
 def check_float_dtype(name: str, value: object) -> torch.dtype:
@@ -116,6 +101,17 @@ def check_llama_shape(name: str, config: object) -> LlamaDims:
     if missing:
         raise TypeError(f"{name} must be a Llama-style transformers config (e.g. LlamaConfig) with {list(required)}; "
                         f"{type(config).__name__} lacks {missing}")
+    # Five attribute names are not enough: an encoder (BERT) or a mixture of experts (Mixtral) has them too, and the
+    # formula would answer for a dense Llama-style decoder it is not. A config that names its family must be one
+    # the formula covers; an unnamed one (a LlamaShape, a namespace) is taken as the Llama shape it describes.
+    model_type = getattr(config, "model_type", None)
+    if model_type not in (None, "", *COVERED_MODEL_TYPES):
+        raise ValueError(f"{name} is a {model_type!r} config; the memory formula covers dense Llama-style decoders "
+                         f"({', '.join(COVERED_MODEL_TYPES)})")
+    experts = max(int(getattr(config, a, 0) or 0) for a in ("num_local_experts", "num_experts", "n_routed_experts"))
+    if experts > 1:
+        raise ValueError(f"{name} describes a mixture of experts ({experts} experts a layer); the memory formula "
+                         "covers dense decoders, whose every layer has one MLP")
     for attr in required:
         check_int(f"{name}.{attr}", getattr(config, attr), low=1)
     heads = config.num_attention_heads
@@ -131,18 +127,9 @@ def check_llama_shape(name: str, config: object) -> LlamaDims:
 
 
 def check_lora_targets(name: str, value: object) -> tuple[str, ...]:
-    """``value`` must be a non-empty sequence of distinct names from :data:`LORA_TARGETS`."""
-    if isinstance(value, str) or not isinstance(value, Iterable):
-        raise TypeError(f"{name} must be a tuple of module names from {list(LORA_TARGETS)}, "
-                        f"got {type(value).__name__}")
-    targets = tuple(value)
-    if not targets:
-        raise ValueError(f"{name} must name at least one module from {list(LORA_TARGETS)}")
-    for t in targets:
-        check_choice(f"{name} entry", t, LORA_TARGETS)
-    if len(set(targets)) != len(targets):
-        raise ValueError(f"{name} must not repeat a module, got {list(targets)}")
-    return targets
+    """``value`` must be a non-empty sequence of distinct names from the one target list
+    (:data:`qlora_edu.common.training_setup.LLAMA_TARGETS`)."""
+    return check_targets(name, value)
 
 
 def resolve_settings(method: str, gradient_checkpointing: bool, settings: Mapping[str, object]) -> dict:
@@ -201,6 +188,19 @@ def _check_optimizer(optimizer: object) -> str:
     return optimizer
 
 
+def check_covered(config: object, dims: LlamaDims, seq_len: int, lora_r: int, targets: tuple[str, ...]) -> None:
+    """What the formula would answer silently but the model cannot do: a sequence beyond the model's positions,
+    or an adapter rank above the smallest side of a targeted projection (a rank-r update of an m x n matrix has
+    rank at most min(m, n))."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and not isinstance(positions, bool) and seq_len > positions:
+        raise ValueError(f"seq_len ({seq_len}) must not exceed the model's max_position_embeddings ({positions})")
+    smallest = min(min(dims.linears()[t]) for t in targets)
+    if lora_r > smallest:
+        raise ValueError(f"lora_r ({lora_r}) must not exceed the smallest side of a targeted projection ({smallest}): "
+                         "an update of rank r needs r <= min(in_features, out_features)")
+
+
 def check_training_memory_args(config, method, batch_size, seq_len, lora_r, lora_targets, gradient_checkpointing,
                                optimizer, settings) -> tuple[LlamaDims, tuple[str, ...], dict]:
     """Guard of :func:`qlora_edu.ch04_memory.memory.training_memory`. Returns ``(dims, lora_targets, settings)``
@@ -211,9 +211,24 @@ def check_training_memory_args(config, method, batch_size, seq_len, lora_r, lora
     check_int("seq_len", seq_len, low=1)
     check_int("lora_r", lora_r, low=1)
     targets = check_lora_targets("lora_targets", lora_targets)
+    check_covered(config, dims, seq_len, lora_r, targets)
     check_bool("gradient_checkpointing", gradient_checkpointing)
     _check_optimizer(optimizer)
     return dims, targets, resolve_settings(method, gradient_checkpointing, settings)
+
+
+SHARDINGS = ("none", "fsdp")
+
+
+def check_sharding_args(world_size, sharding, cpu_offload) -> bool:
+    """The sharding keywords of ``training_memory`` (chapter 11). Returns whether FSDP shards the model."""
+    check_int("world_size", world_size, low=1)
+    check_choice("sharding", sharding, SHARDINGS)
+    check_bool("cpu_offload", cpu_offload)
+    if sharding == "none" and (world_size > 1 or cpu_offload):
+        raise ValueError(f"world_size={world_size}, cpu_offload={cpu_offload} need sharding='fsdp' (without "
+                         "sharding every GPU holds the whole model: predict one with world_size=1)")
+    return sharding == "fsdp"
 
 
 def check_static_tensors_args(config, method, lora_r, lora_targets, optimizer,
@@ -386,12 +401,7 @@ def check_build_training_model_args(config, method, device, lora_r, lora_alpha, 
     """Guard of :func:`qlora_edu.ch04_memory.memory_probe.build_training_model`. Returns ``lora_targets`` as a tuple."""
     check_llama_shape("config", config)
     check_choice("method", method, METHODS)
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be 'cpu', 'cuda' or a torch.device, got {device!r}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device is 'cuda' but torch.cuda.is_available() is False")
+    check_device("device", device)
     check_int("lora_r", lora_r, low=1)
     check_int("lora_alpha", lora_alpha, low=1)
     if not isinstance(lora_dropout, int | float) or isinstance(lora_dropout, bool) or not 0 <= lora_dropout < 1:
@@ -403,19 +413,6 @@ def check_build_training_model_args(config, method, device, lora_r, lora_alpha, 
     check_float_dtype("compute_dtype", compute_dtype)
     check_int("seed", seed, low=0)
     return targets
-
-
-def check_make_optimizer_args(params, name, lr) -> list:
-    """Guard of :func:`qlora_edu.ch04_memory.memory_probe.make_optimizer`. Returns ``params`` as a list of tensors."""
-    if isinstance(params, torch.Tensor) or not isinstance(params, Iterable):
-        raise TypeError(f"params must be an iterable of parameters, got {type(params).__name__}")
-    params = list(params)
-    if not params or not all(isinstance(p, torch.Tensor) for p in params):
-        raise ValueError("params must be a non-empty list of tensors (the trainable parameters)")
-    check_choice("name", name, OPTIMIZERS)
-    if not isinstance(lr, int | float) or isinstance(lr, bool) or lr <= 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    return params
 
 
 def check_course_training_model_args(method, lora_r, lora_alpha, lora_dropout, gradient_checkpointing,

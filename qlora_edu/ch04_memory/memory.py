@@ -5,7 +5,7 @@
 ways: ``"full"`` fine-tuning, ``"lora"`` on a bf16 base, ``"qlora"`` on an NF4 base. Nothing is fitted
 to measurements: every byte comes from a tensor that torch, peft or bitsandbytes really allocates, found by
 reading their code, and checked on CPU against the real tensors (:mod:`qlora_edu.ch04_memory.memory_probe`) and on an
-H100 against ``/work/shared/reference/gpu-facts.md``.
+H100 against ``qlora_edu/reference/gpu-facts.md``.
 
 Notation: ``T = batch * seq`` tokens, ``h`` hidden size, ``i`` MLP size, ``q = heads * head_dim`` (= h in
 Llama), ``kv = kv_heads * head_dim`` (< q with grouped-query attention), ``V`` vocabulary, ``L`` layers,
@@ -89,8 +89,14 @@ Settings (keywords of :func:`training_memory`; an unknown one raises ``TypeError
 ``input_requires_grad`` / ``reentrant`` (derived as above), ``workspace_bytes`` (0; cuBLAS allocates its
 workspace in the torch pool at the first matmul of a process).
 
+The defaults are peft's set-up (float32 adapters, embeddings, norms and head after ``prepare``). The QLoRA
+paper's code (``artidoro/qlora``'s ``qlora.py`` with ``--bf16``) casts the adapters to bf16 and the embeddings
+and head back to bf16 after ``prepare``: ``prepare_kbit=False, adapter_dtype=torch.bfloat16`` predicts it, up to
+its float32 norms (``(2 L + 1) h`` weights, about 1 MiB on 7B).
+
 Not modeled: the allocator's fragmentation (``memory_reserved`` > ``memory_allocated``), the CUDA context
-(~0.5 GiB outside torch), a few kernels' internal scratch, attention masks for padded batches.
+(~0.5 GiB outside torch), a few kernels' internal scratch, attention masks for padded batches (chapter 9's lab 8
+measured the prediction 2.7-7.0% low on padded batches without checkpointing).
 """
 
 from __future__ import annotations
@@ -101,21 +107,26 @@ import torch
 
 from qlora_edu.ch03_double_quant.storage import LLAMA_SHAPES
 from qlora_edu.ch04_memory.guards import (
-    LORA_TARGETS,
     LlamaDims,
     check_fits_args,
     check_largest_batch_size_args,
     check_largest_model_args,
     check_largest_seq_len_args,
     check_llama_config_args,
+    check_sharding_args,
     check_static_parts_args,
     check_static_tensors_args,
     check_training_memory_args,
 )
+from qlora_edu.common.names import LLAMA_TARGETS
 
 __all__ = [
     "COURSE_MODEL_SHAPE",
+    "DQ_BLOCK",
+    "MIN_8BIT_NUMEL",
     "MemoryBreakdown",
+    "PAGED_MIN_NUMEL",
+    "STATE_BLOCK",
     "StaticTensor",
     "fits",
     "largest_batch_size",
@@ -248,7 +259,7 @@ class StaticTensor:
     paged: bool = False
 
 
-def static_tensors(config, method: str, *, lora_r: int = 64, lora_targets=LORA_TARGETS, optimizer: str = "adamw",
+def static_tensors(config, method: str, *, lora_r: int = 64, lora_targets=LLAMA_TARGETS, optimizer: str = "adamw",
                    **settings) -> list[StaticTensor]:
     """Every tensor that is resident for the whole training step: frozen weights with their quantization
     constants, trainable weights, their gradients and the optimizer's states, one :class:`StaticTensor` each.
@@ -705,7 +716,8 @@ def _moment(name: str, **parts: int) -> tuple[int, str, dict[str, int]]:
 
 
 def training_memory(config, method: str, *, batch_size: int, seq_len: int, lora_r: int = 64,
-                    lora_targets=LORA_TARGETS, gradient_checkpointing: bool = True, optimizer: str = "adamw",
+                    lora_targets=LLAMA_TARGETS, gradient_checkpointing: bool = True, optimizer: str = "adamw",
+                    world_size: int = 1, sharding: str = "none", cpu_offload: bool = False,
                     **settings) -> MemoryBreakdown:
     """Predict the peak memory of one training step (see the module docstring for every term).
 
@@ -720,11 +732,23 @@ def training_memory(config, method: str, *, batch_size: int, seq_len: int, lora_
             blockwise 8-bit states), ``"paged_adamw"`` / ``"paged_adamw8bit"`` (the same states, those of
             >= 1e5 elements in CUDA unified memory: counted in ``total``, listed in ``paged_states``, not in
             ``torch_peak``), ``"sgd"`` (no state).
+        world_size, sharding, cpu_offload: ``sharding="fsdp"`` predicts one GPU of ``world_size`` that PyTorch
+            FSDP shards the model over (chapter 11, :mod:`qlora_edu.ch11_fsdp.sharding`): ``batch_size`` is then
+            each GPU's micro-batch; parameters, gradients and optimizer states are divided among the GPUs (the NF4
+            constants and buffers are not: every GPU keeps them whole); ``frozen_weights`` also holds the units
+            all-gathered at the peak (the root: embedding, final norm, ``lm_head``; two decoder layers, their
+            adapters included), ``gradients`` one layer's whole adapter gradients before their reduce-scatter;
+            ``prepare_kbit`` defaults to False (FSDP-QLoRA keeps the unquantized weights in bf16).
+            ``cpu_offload``: the shards live in host memory and the optimizer steps there. The default
+            (``"none"``, ``world_size=1``) is one GPU holding everything.
         **settings: the other choices of the recipe (module docstring); unknown ones raise ``TypeError``.
 
     Returns:
-        a :class:`MemoryBreakdown`; ``.total`` is the predicted peak in bytes.
+        a :class:`MemoryBreakdown`; ``.total`` is the predicted peak in bytes (of one GPU).
     """
+    fsdp = check_sharding_args(world_size, sharding, cpu_offload)
+    if fsdp and "prepare_kbit" not in settings:
+        settings = {**settings, "prepare_kbit": False}
     shape, targets, s = check_training_memory_args(config, method, batch_size, seq_len, lora_r, lora_targets,
                                                    gradient_checkpointing, optimizer, settings)
     rc = _recipe(shape, method, batch_size, seq_len, lora_r, targets, gradient_checkpointing, optimizer, s)
@@ -799,12 +823,38 @@ def training_memory(config, method: str, *, batch_size: int, seq_len: int, lora_
         moments.append(_moment("embedding backward", gradients=all_grads,
                                working_set=g + (a(V * h * rc.wd) if shape.tied else 0)))
 
+    if fsdp:  # one GPU of world_size: shards, replicated tensors, the units gathered at the peak
+        frozen, weights, state_bytes, paged, moments = _sharded(tensors, world_size, cpu_offload, paged, moments, a)
     peak, phase, at_peak = max(moments, key=lambda m: m[0])
     static = frozen + weights + state_bytes
     return MemoryBreakdown(frozen_weights=frozen, trainable_weights=weights, optimizer_states=state_bytes,
                            workspace=rc.workspace, total=static + peak + rc.workspace, paged_states=paged,
                            saved_activations=saved, all_gradients=all_grads, peak_phase=phase,
                            layer_saved=tuple((x.name, a(x.nbytes)) for x in later), **at_peak)
+
+
+def _sharded(tensors, world_size: int, cpu_offload: bool, paged: int, moments: list, a) -> tuple:
+    """The static parts and the moments of :func:`training_memory` for one GPU of ``world_size`` under FSDP
+    (chapter 11's :func:`~qlora_edu.ch11_fsdp.sharding.per_gpu_static` and :func:`~qlora_edu.ch11_fsdp.sharding.
+    sharded_units`): the gradients alive at each moment are sharded, plus one layer's whole before its
+    reduce-scatter; with ``cpu_offload`` the sharded gradients are on the host and the optimizer steps there."""
+    from qlora_edu.ch11_fsdp.sharding import per_gpu_static, sharded_units
+
+    parts, units = per_gpu_static(tensors, world_size, cpu_offload=cpu_offload), sharded_units(tensors)
+    frozen = a(parts["frozen_weights"]) + a(units.gathered)
+    paged = 0 if cpu_offload else -(-paged // world_size)
+
+    def on_gpu(moment: tuple[int, str, dict[str, int]]) -> tuple[int, str, dict[str, int]]:
+        _, name, d = moment
+        step = name == "optimizer step"
+        sharded = 0 if cpu_offload else -(-d["gradients"] // world_size)
+        d = {**d, "gradients": sharded + (0 if step else a(units.layer_grads))}
+        if step and cpu_offload:
+            d["working_set"] = 0
+        return sum(d.values()), name, d
+
+    return (frozen, a(parts["trainable_weights"]), a(parts["optimizer_states"]), paged,
+            [on_gpu(m) for m in moments])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -864,16 +914,18 @@ def largest_batch_size(config, method: str, gpu_bytes: int, *, seq_len: int, max
 def largest_seq_len(config, method: str, gpu_bytes: int, *, batch_size: int = 1, multiple_of: int = 64,
                     max_seq_len: int = 1 << 20, **kwargs) -> int:
     """The longest sequence (a multiple of ``multiple_of`` tokens) whose step fits in ``gpu_bytes`` at
-    ``batch_size``; 0 if none does.
+    ``batch_size``; 0 if none does. Never longer than the model's ``max_position_embeddings``: a longer
+    sequence is not one the model can take, whatever the memory (LLaMA-1 7B: 2,048).
 
     Args:
         config, method, **kwargs: as for :func:`training_memory`.
         gpu_bytes: usable GPU memory in bytes (see :func:`fits`).
         batch_size: sequences per batch.
         multiple_of: granularity of the answer.
-        max_seq_len: the search stops there.
+        max_seq_len: the search stops there (or at the model's positions, if fewer).
     """
     gpu_bytes = check_largest_seq_len_args(config, method, gpu_bytes, batch_size, multiple_of, max_seq_len)
+    max_seq_len = min(max_seq_len, getattr(config, "max_position_embeddings", None) or max_seq_len)
 
     def ok(n: int) -> bool:
         return training_memory(config, method, batch_size=batch_size, seq_len=n * multiple_of,

@@ -8,7 +8,7 @@ Counting each storage once (views share their storage; so do tied weights):
 * :func:`saved_activation_bytes`: what autograd saves for backward during one forward, counted with
   ``torch.autograd.graph.saved_tensors_hooks`` (each saved tensor's storage once, weights left out);
 * :func:`measure_training_step`: the peak of real training steps (forward with labels, backward, gradient
-  clipping, optimizer step, ``zero_grad``) as ``/work/shared/reference/gpu_probe.py`` took it: on CUDA
+  clipping, optimizer step, ``zero_grad``) as ``qlora_edu/reference/gpu_probe.py`` took it: on CUDA
   ``torch.cuda.max_memory_allocated`` (paged optimizer states, in unified memory, reported apart); on CPU
   :func:`cpu_peak_bytes`, the peak of torch's CPU allocations recorded by its profiler;
 * :class:`LiveTensorBytes`: a per-operation timeline of live tensor bytes, to see which operation is at
@@ -16,8 +16,11 @@ Counting each storage once (views share their storage; so do tied weights):
 
 :func:`build_training_model` sets a random-weight model up the way gpu_probe.py did (bf16 Llama, decoder
 linears swapped for NF4 ``Linear4bit`` for QLoRA, peft's ``prepare_model_for_kbit_training``, LoRA on the
-seven projections); :func:`course_training_model` does the same with the course model.
-:func:`gpu_facts_rows` reads the measured rows of gpu-facts.md (:data:`H100_ROWS`: the committed copy).
+seven projections); :func:`course_training_model` does the same with the course model. Both are
+:func:`qlora_edu.common.training_setup.setup_training`, the course's one model set-up; the optimizers are its
+:func:`~qlora_edu.common.training_setup.make_optimizer`.
+:func:`gpu_facts_rows` reads the measured rows of ``qlora_edu/reference/gpu-facts.md`` (:data:`H100_ROWS`: the
+copy committed with this module, checked against the file by a test).
 ``python benchmarks/memory_validation.py`` prints predicted vs measured.
 """
 
@@ -34,19 +37,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from qlora_edu.ch04_memory.guards import (
-    LORA_TARGETS,
     check_build_training_model_args,
     check_course_training_model_args,
     check_cpu_peak_bytes_args,
     check_gpu_facts_config_args,
     check_gpu_facts_rows_args,
-    check_make_optimizer_args,
     check_measure_training_step_args,
     check_random_batch_args,
     check_saved_activation_bytes_args,
     check_static_bytes_args,
     check_tensor_bytes_args,
 )
+from qlora_edu.common.names import LLAMA_TARGETS
+from qlora_edu.common.reference import reference_path
+from qlora_edu.common.training_setup import load_for_training, setup_training
 
 __all__ = [
     "H100_ROWS",
@@ -57,7 +61,6 @@ __all__ = [
     "cpu_peak_bytes",
     "gpu_facts_config",
     "gpu_facts_rows",
-    "make_optimizer",
     "measure_training_step",
     "quant_state_tensors",
     "random_batch",
@@ -68,8 +71,8 @@ __all__ = [
 
 MiB = 2**20
 
-#: Where the project keeps the GPU measurements (beside the repository, not in it).
-GPU_FACTS_PATH = Path(__file__).resolve().parents[3] / "shared" / "reference" / "gpu-facts.md"
+#: The course's GPU measurements, in the repository (with their provenance).
+GPU_FACTS_PATH = reference_path("gpu-facts.md")
 
 
 def _row(model, method, batch, seq, ckpt, prepare, weights, setup, peak, states, total, hidden, intermediate, layers,
@@ -113,17 +116,13 @@ def gpu_facts_rows(path: str | Path | None = None) -> tuple[dict, ...]:
     128-dimensional (LLaMA's shapes).
 
     Args:
-        path: the file; ``None``: ``../shared/reference/gpu-facts.md`` beside the repository if it is there,
-            else the committed copy :data:`H100_ROWS`.
+        path: the file; ``None``: :data:`GPU_FACTS_PATH` (``qlora_edu/reference/gpu-facts.md``).
 
     Returns:
         a tuple of row dicts with the keys of :data:`H100_ROWS`.
     """
     path = check_gpu_facts_rows_args(path)
-    if path is None:
-        if not GPU_FACTS_PATH.is_file():
-            return H100_ROWS
-        path = GPU_FACTS_PATH
+    path = GPU_FACTS_PATH if path is None else path
     rows: list[dict] = []
     section = None
     header: list[str] | None = None
@@ -396,17 +395,20 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def build_training_model(config, method: str, *, device: str | torch.device = "cpu", lora_r: int = 64,
-                         lora_alpha: int = 16, lora_dropout: float = 0.05, lora_targets=LORA_TARGETS,
+                         lora_alpha: int = 16, lora_dropout: float = 0.05, lora_targets=LLAMA_TARGETS,
                          gradient_checkpointing: bool = True, prepare_kbit: bool = True,
                          weight_dtype: torch.dtype = torch.bfloat16, compute_dtype: torch.dtype = torch.bfloat16,
                          seed: int = 0):
     """A random-weight Llama set up for training the way gpu_probe.py did (memory does not depend on values).
 
-    * full: ``LlamaForCausalLM(config)`` in ``weight_dtype``, every parameter trained, checkpointing with
-      ``gradient_checkpointing_enable()``;
-    * lora: the same model frozen, peft LoRA (``r``, ``alpha``, ``dropout``) on ``lora_targets``,
+    ``LlamaForCausalLM(config)`` in ``weight_dtype``, built from torch's generator seeded with ``seed``, then
+    :func:`~qlora_edu.common.training_setup.setup_training` (the adapters drawn from the same generator, the
+    checkpointing kind left to the libraries, as gpu_probe.py did):
+
+    * full: every parameter trained, checkpointing with ``gradient_checkpointing_enable()``;
+    * lora: the model frozen, peft LoRA (``r``, ``alpha``, ``dropout``) on ``lora_targets``,
       checkpointing with ``gradient_checkpointing_enable()`` + ``enable_input_require_grads()``;
-    * qlora: decoder linears swapped for ``bnb.nn.Linear4bit`` (NF4, double quantization, ``compute_dtype``),
+    * qlora: the seven projections swapped for ``bnb.nn.Linear4bit`` (NF4, double quantization, ``compute_dtype``),
       ``is_loaded_in_4bit`` set as ``from_pretrained`` does, then ``prepare_model_for_kbit_training``
       (if ``prepare_kbit``; it also turns checkpointing on) and LoRA.
 
@@ -422,41 +424,15 @@ def build_training_model(config, method: str, *, device: str | torch.device = "c
     lora_targets = check_build_training_model_args(config, method, device, lora_r, lora_alpha, lora_dropout,
                                                    lora_targets, gradient_checkpointing, prepare_kbit,
                                                    weight_dtype, compute_dtype, seed)
-    import bitsandbytes as bnb
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import LlamaForCausalLM
 
     device = torch.device(device)
     torch.manual_seed(seed)
     with torch.device(device):  # built in weight_dtype; the rotary buffers stay float32, as in gpu_probe.py
         model = LlamaForCausalLM._from_config(config, dtype=weight_dtype)
-    if method == "qlora":
-        for layer in model.model.layers:
-            for parent in (layer.self_attn, layer.mlp):
-                for name, child in list(parent.named_children()):
-                    if isinstance(child, torch.nn.Linear):
-                        lin = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                                compute_dtype=compute_dtype, compress_statistics=True,
-                                                quant_type="nf4", device="meta")
-                        lin.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
-                                                       compress_statistics=True, quant_type="nf4").to(device)
-                        setattr(parent, name, lin)
-        model.is_loaded_in_4bit = True
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # transformers' deprecation notes, torch's use_reentrant note
-        if method == "full":
-            if gradient_checkpointing:
-                model.gradient_checkpointing_enable()
-        else:
-            if method == "qlora" and prepare_kbit:
-                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-            elif gradient_checkpointing:
-                model.gradient_checkpointing_enable()
-                model.enable_input_require_grads()
-            lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
-                              task_type="CAUSAL_LM", target_modules=list(lora_targets))
-            model = get_peft_model(model, lora)
-    model.train()
+    model = setup_training(model, method, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=lora_targets,
+                           gradient_checkpointing=gradient_checkpointing, reentrant=None, prepare_kbit=prepare_kbit,
+                           compute_dtype=compute_dtype, seed=None)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -464,9 +440,11 @@ def course_training_model(method: str, *, lora_r: int = 16, lora_alpha: int = 32
                           gradient_checkpointing: bool = True, prepare_kbit: bool = True):
     """The course model (SmolLM2-135M, float32 on the CPU) set up for training with ``method``.
 
-    * qlora: ``load_base_model(quantization_config=BitsAndBytesConfig(load_in_4bit=True,
-      bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))``,
-      peft's ``prepare_model_for_kbit_training`` (if ``prepare_kbit``), LoRA on the seven projections;
+    :func:`~qlora_edu.common.training_setup.load_for_training`:
+
+    * qlora: loaded with ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)``, peft's
+      ``prepare_model_for_kbit_training`` (if ``prepare_kbit``), LoRA on the seven projections;
     * lora: the float32 model frozen, LoRA, checkpointing with ``enable_input_require_grads``;
     * full: the float32 model, every weight trained.
 
@@ -478,54 +456,11 @@ def course_training_model(method: str, *, lora_r: int = 16, lora_alpha: int = 32
     """
     check_course_training_model_args(method, lora_r, lora_alpha, lora_dropout, gradient_checkpointing,
                                      prepare_kbit)
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
-
-    from qlora_edu.common.base_model import load_base_model
-
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16) if method == "qlora" else None
-    model, _ = load_base_model(quantization_config=quant, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if method == "full":
-            if gradient_checkpointing:
-                model.gradient_checkpointing_enable()
-        else:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            if method == "qlora" and prepare_kbit:
-                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-            elif gradient_checkpointing:
-                model.gradient_checkpointing_enable()
-                model.enable_input_require_grads()
-            lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
-                              task_type="CAUSAL_LM", target_modules=list(LORA_TARGETS))
-            model = get_peft_model(model, lora)
-    model.train()
+    model, _ = load_for_training(method, dtype=torch.float32, compute_dtype=torch.bfloat16, progress=False,
+                                 r=lora_r, alpha=lora_alpha, dropout=lora_dropout, targets=LLAMA_TARGETS,
+                                 gradient_checkpointing=gradient_checkpointing, reentrant=None,
+                                 prepare_kbit=prepare_kbit, seed=None)
     return model, [p for p in model.parameters() if p.requires_grad]
-
-
-def make_optimizer(params, name: str, lr: float = 2e-4) -> torch.optim.Optimizer:
-    """The optimizer :func:`qlora_edu.ch04_memory.memory.training_memory` calls ``name``.
-
-    ``adamw``: two float32 states updated in place: ``torch.optim.AdamW(fused=True)`` when every parameter
-    is float32 (its states take the parameters' dtype), else bitsandbytes' ``AdamW32bit`` (float32 states
-    for bf16 weights). ``adamw8bit`` / ``paged_adamw`` / ``paged_adamw8bit``: bitsandbytes' ``AdamW8bit``,
-    ``PagedAdamW32bit``, ``PagedAdamW8bit``. ``sgd``: ``torch.optim.SGD`` (no state).
-    """
-    params = check_make_optimizer_args(params, name, lr)
-    import bitsandbytes as bnb
-
-    classes = {"adamw": bnb.optim.AdamW32bit, "adamw8bit": bnb.optim.AdamW8bit,
-               "paged_adamw": bnb.optim.PagedAdamW32bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    if name == "adamw" and all(p.dtype == torch.float32 for p in params):
-        return torch.optim.AdamW(params, lr=lr, fused=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "paged optimizers are not supported on CPU"
-        return classes[name](params, lr=lr)
 
 
 def measure_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, *, steps: int = 3,
@@ -551,6 +486,7 @@ def measure_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     cuda = device.type == "cuda"
     grads: list[int] = []
 
+    # kept beside chapter 8's train (the course's loop): an instrument, one step exactly as gpu_probe.py measured it
     def step() -> None:
         loss = model(**batch).loss
         loss.backward()

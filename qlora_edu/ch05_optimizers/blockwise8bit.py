@@ -78,11 +78,10 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int 
     if lookup is None:
         lookup = grid_lookup_table(code.to(x.device))
     # BEGIN SOLUTION
-    # Hint: flatten x to float32, pad with zeros to whole blocks, view (-1, blocksize); absmax = the row
-    # Hint: max of |.|; scaled = blocks * (1 / absmax)[:, None] (a reciprocal, in every block).
-    # Hint: grid snap in float32 as in chapter 3: g = (scaled + 1) * 0.5 * (GRID_POINTS - 1) + 0.5, NaN -> 0
-    # Hint: (an all-zero block), clamp to [0, GRID_POINTS - 1], truncate to int64; codes = lookup[g].
-    # Hint: Keep the first n codes as uint8 in x's shape.
+    # Hint: blocks of `blocksize` consecutive values of x.flatten() (the last one padded); each block's absmax;
+    # Hint: each value scaled into [-1, 1] by the reciprocal of its block's absmax; then chapter 3's rounding:
+    # Hint: snap to the grid in float32 and read the code from `lookup` (an all-zero block gives NaN: grid point
+    # Hint: 0). The codes come back as uint8 in x's shape.
     flat = x.detach().flatten().float()
     n = flat.numel()
     blocks = F.pad(flat, (0, n_blocks(n, blocksize) * blocksize - n)).view(-1, blocksize)
@@ -114,8 +113,7 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: t
     shape = codes.shape if shape is None else torch.Size(shape)
     n = codes.numel()
     # BEGIN SOLUTION
-    # Hint: look the codes up in code (index with codes.flatten().long()), pad to whole blocks, multiply
-    # Hint: each row by its absmax, flatten, keep the first n values and view them as `shape`.
+    # Hint: the way back: each code's value in the map `code`, times the absmax of its block; then `shape`.
     values = code.to(codes.device)[codes.flatten().long()]
     blocks = F.pad(values, (0, n_blocks(n, blocksize) * blocksize - n)).view(-1, blocksize)
     x = (blocks * absmax[:, None]).flatten()[:n].view(shape)

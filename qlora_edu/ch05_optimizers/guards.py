@@ -13,15 +13,21 @@ from collections.abc import Sequence
 
 import torch
 
+from qlora_edu.ch05_optimizers.step_memory import StepMemory, StepTimeline
 from qlora_edu.common.guards import (
-    FLOAT_DTYPES,
+    check_device,
     check_dtype,
+    check_dtype_choice,
     check_float_tensor,
+    check_instance,
     check_int,
+    check_number,
     check_power_of_two,
     check_tensor,
+    float_dtypes,
     n_blocks,
 )
+from qlora_edu.common.names import OPTIMIZERS
 
 __all__ = [
     "check_number",
@@ -37,7 +43,6 @@ __all__ = [
     "check_first_difference_args",
     "check_lockstep_mismatch_args",
     "check_training_losses_args",
-    "check_step_memory_args",
     "check_simulate_step_args",
     "check_plot_timeline_args",
     "check_qlora_7b_example_args",
@@ -46,26 +51,11 @@ __all__ = [
 
 #: Names :func:`qlora_edu.ch05_optimizers.optim.state_bytes_per_param` knows (paging moves bytes, it does not shrink
 #: them).
-OPTIMIZER_NAMES = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+#: The AdamW names of the one spelling (:data:`qlora_edu.common.training_setup.OPTIMIZERS`; SGD keeps no state).
+OPTIMIZER_NAMES = tuple(name for name in OPTIMIZERS if name != "sgd")
 
 
 # ---------------------------------------------------------------------------------------------- primitives
-
-def check_number(name: str, value: object, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> float:
-    """``value`` must be a finite real number (int or float, not bool) in the given interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        lo = "(-inf" if low is None else ("(" if low_open else "[") + str(low)
-        hi = "inf)" if high is None else str(high) + (")" if high_open else "]")
-        raise ValueError(f"{name} must be in {lo}, {hi}, got {value}")
-    return float(value)
-
 
 def check_code_map(name: str, code: object) -> torch.Tensor:
     """``code`` must be an 8-bit map: 256 sorted float32 values in ``[-1, 1]``."""
@@ -179,7 +169,7 @@ def check_optimizer_step_args(optimizer: torch.optim.Optimizer, closure: object)
         for p in group["params"]:
             if p.grad is not None and p.grad.is_sparse:
                 raise ValueError(f"param group {i}: sparse gradients are not supported")
-            if p.grad is not None and p.dtype not in FLOAT_DTYPES:
+            if p.grad is not None and p.dtype not in float_dtypes():
                 raise TypeError(f"param group {i}: parameters must be floating point, got {p.dtype}")
 
 
@@ -240,8 +230,7 @@ def check_lockstep_mismatch_args(make_optimizer: object, make_reference: object,
         out.append(dims)
     check_int("steps", steps, low=1)
     check_int("seed", seed, low=0)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    check_dtype_choice("dtype", dtype, float_dtypes())
     check_number("atol", atol, low=0.0)
     return out
 
@@ -270,38 +259,9 @@ def check_training_losses_args(model: object, batches: object, optimizer: object
 
 # ------------------------------------------------------------------------------------------------- paging
 
-def check_step_memory_args(weights_bytes: object, state_bytes: object, grad_bytes: object,
-                           layer_activation_bytes: object, spike_bytes: object, backward_transient_bytes: object,
-                           unpageable_state_bytes: object, forward_ms: object, backward_ms: object,
-                           optimizer_ms: object) -> tuple[float, ...]:
-    """Guard of :class:`qlora_edu.ch05_optimizers.paging.StepMemory`; returns the per-layer activation bytes as a
-    tuple."""
-    for name, value in (("weights_bytes", weights_bytes), ("state_bytes", state_bytes),
-                        ("grad_bytes", grad_bytes), ("spike_bytes", spike_bytes),
-                        ("backward_transient_bytes", backward_transient_bytes),
-                        ("unpageable_state_bytes", unpageable_state_bytes)):
-        check_number(name, value, low=0.0)
-    if unpageable_state_bytes > state_bytes:
-        raise ValueError(f"unpageable_state_bytes ({unpageable_state_bytes}) must not exceed state_bytes "
-                         f"({state_bytes})")
-    if isinstance(layer_activation_bytes, (str, bytes)) or not isinstance(layer_activation_bytes, Sequence):
-        raise TypeError("layer_activation_bytes must be a sequence of numbers (bytes saved by each layer), "
-                        f"got {type(layer_activation_bytes).__name__}")
-    if len(layer_activation_bytes) == 0:
-        raise ValueError("layer_activation_bytes must name at least one layer")
-    for i, value in enumerate(layer_activation_bytes):
-        check_number(f"layer_activation_bytes[{i}]", value, low=0.0)
-    for name, value in (("forward_ms", forward_ms), ("backward_ms", backward_ms), ("optimizer_ms", optimizer_ms)):
-        check_number(name, value, low=0.0)
-    return tuple(float(v) for v in layer_activation_bytes)
-
-
 def check_simulate_step_args(memory: object, gpu_bytes: object, paged: object, bandwidth: object) -> None:
     """Guard of :func:`qlora_edu.ch05_optimizers.paging.simulate_step`."""
-    from qlora_edu.ch05_optimizers.paging import StepMemory  # the dataclass lives there; imported late to avoid a cycle
-
-    if not isinstance(memory, StepMemory):
-        raise TypeError(f"memory must be a qlora_edu.ch05_optimizers.paging.StepMemory, got {type(memory).__name__}")
+    check_instance("memory", memory, StepMemory, "e.g. qlora_7b_example()")
     check_number("gpu_bytes", gpu_bytes, low=0.0, low_open=True)
     if not isinstance(paged, bool):
         raise TypeError(f"paged must be a bool, got {type(paged).__name__}")
@@ -310,10 +270,7 @@ def check_simulate_step_args(memory: object, gpu_bytes: object, paged: object, b
 
 def check_plot_timeline_args(timeline: object, ax: object) -> None:
     """Guard of :func:`qlora_edu.ch05_optimizers.paging.plot_timeline`."""
-    from qlora_edu.ch05_optimizers.paging import StepTimeline
-
-    if not isinstance(timeline, StepTimeline):
-        raise TypeError(f"timeline must be a qlora_edu.StepTimeline, got {type(timeline).__name__}")
+    check_instance("timeline", timeline, StepTimeline, "from simulate_step()")
     if ax is not None and not (hasattr(ax, "plot") and hasattr(ax, "set_xlabel")):
         raise TypeError(f"ax must be a matplotlib Axes or None, got {type(ax).__name__}")
 
@@ -330,10 +287,4 @@ def check_paging_demo_cuda_args(n_params: object, max_managed_fraction: object, 
     check_int("n_params", n_params, low=100_000)
     check_number("max_managed_fraction", max_managed_fraction, low=0.0, high=0.25, low_open=True)
     check_int("steps", steps, low=1, high=100)
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        raise ValueError(f"device must be a CUDA device, got {dev}")
-    if not torch.cuda.is_available():
-        raise RuntimeError("paging_demo_cuda needs a CUDA GPU; none is available here")
+    check_device("device", device, types=("cuda",))

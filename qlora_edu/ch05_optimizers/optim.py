@@ -110,11 +110,10 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     """
     check_adamw_step_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
     # BEGIN SOLUTION
-    # Hint: everything in place, in the docstring's order: shrink param by (1 - lr * weight_decay); m: mul_ by
-    # Hint: beta1 then add_ grad with alpha=1 - beta1; v: mul_ by beta2 then addcmul_ grad * grad with
-    # Hint: value=1 - beta2; denom = sqrt(v) / math.sqrt(1 - beta2**step) + eps (a new tensor); then
-    # Hint: param.addcdiv_(m, denom, value=-lr / (1 - beta1**step)). Other arrangements are equal in exact
-    # Hint: arithmetic but round differently in float32, and the 8-bit check compares bits.
+    # Hint: the docstring's formula in its order, each tensor updated in place (they are the optimizer's own):
+    # Hint: decay param first; then m and v, the running means of g and g^2; then move param by lr times the
+    # Hint: bias-corrected m over (sqrt of the bias-corrected v) + eps. Bit parity with bitsandbytes' 8-bit AdamW
+    # Hint: is a stretch goal: it needs its float32 arrangement too, which check() shows after a second failure.
     param.mul_(1 - lr * weight_decay)  # decoupled weight decay, before the Adam update (as torch does)
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -468,6 +467,8 @@ def training_losses(model: torch.nn.Module, batches: torch.Tensor, optimizer: to
     device = next(model.parameters()).device
     model.train()
     losses = []
+    # kept beside chapter 8's train: the lesson's bare loop, the optimizer step in plain sight (chapter 7's
+    # compare_training and the QLoRA benchmark reuse it)
     for i in progress_bar(range(steps), desc=desc, unit="steps", enabled=progress):
         tokens = batches[i % batches.shape[0]].to(device)
         optimizer.zero_grad(set_to_none=True)

@@ -31,8 +31,14 @@ Simplifications: one step, starting with every state on the GPU; transfers do no
 other (PCIe is full duplex: this overestimates the streaming case); a page is evicted at most once before
 the update; no fragmentation, no allocator cache, no CUDA context.
 
-**Measured (gpu-facts.md, one H100, PCIe):** 1,221 MiB of fp32 AdamW states (160 M LoRA parameters of
-Llama-7B at r = 64) take 3.5 ms to update when resident and 29.4-31.1 ms right after they were evicted:
+**Measured vs simulated.** Everything this module computes is a simulation; what it is calibrated on was
+measured. Eviction by real memory pressure was never exercised (oversubscribing a shared GPU can hang it for
+every user): the measurement moved the states to the host by reading them from the CPU, which migrates managed
+pages as the driver's eviction does.
+
+**Measured (qlora_edu/reference/gpu-facts.md, one H100, PCIe, 2026-11-22):** 1,221 MiB of fp32 AdamW states
+(160 M LoRA parameters of Llama-7B at r = 64) take 3.5 ms to update when resident and 29.4-31.1 ms right after
+they were moved to the host:
 ~26 ms for bringing them back, against a pinned host-to-device copy of the same bytes in 24.3 ms
 (52.8 GB/s, the default ``bandwidth`` here, so the model's page-in is a slight underestimate). A 7B QLoRA
 step takes ~600 ms: a fully evicted optimizer costs about 4% per step. The eviction itself (device to host)
@@ -50,7 +56,6 @@ states of ``bitsandbytes.optim.PagedAdamW`` live outside that pool, so it surviv
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -59,16 +64,12 @@ from qlora_edu.ch05_optimizers.guards import (
     check_plot_timeline_args,
     check_qlora_7b_example_args,
     check_simulate_step_args,
-    check_step_memory_args,
 )
+from qlora_edu.ch05_optimizers.step_memory import MEMORY_KINDS, PagingEvent, StepMemory, StepTimeline
 
 __all__ = [
     "H100_PCIE_BYTES_PER_S",
     "PAGED_MIN_ELEMENTS",
-    "StepMemory",
-    "PagingEvent",
-    "MEMORY_KINDS",
-    "StepTimeline",
     "simulate_step",
     "plot_timeline",
     "qlora_7b_example",
@@ -81,125 +82,6 @@ GiB = 2**30
 H100_PCIE_BYTES_PER_S = 52.8e9
 #: bitsandbytes pages the states of tensors with at least this many elements (smaller ones stay on the GPU).
 PAGED_MIN_ELEMENTS = 100_000
-
-
-@dataclass(frozen=True)
-class StepMemory:
-    """What one training step allocates, in bytes, and how long its parts take (inputs of the simulator).
-
-    Args:
-        weights_bytes: resident for the whole step and never paged: frozen (quantized) weights, adapters,
-            buffers.
-        state_bytes: optimizer states, all of them.
-        grad_bytes: gradients of the trainable parameters, spread evenly over the layers; they appear during
-            the backward pass and are freed after the optimizer step.
-        layer_activation_bytes: bytes each layer saves for the backward pass (one entry per layer).
-        spike_bytes: transient at the turn from forward to backward (logits and loss of a long sequence).
-        backward_transient_bytes: live during each layer's backward (with gradient checkpointing: the
-            layer's recomputed activations).
-        unpageable_state_bytes: the part of ``state_bytes`` in tensors under ``PAGED_MIN_ELEMENTS`` elements.
-        forward_ms, backward_ms, optimizer_ms: compute time of the parts, without any paging.
-
-    Byte counts are rounded to whole bytes (ints), so conservation holds exactly.
-    """
-
-    weights_bytes: int
-    state_bytes: int
-    grad_bytes: int
-    layer_activation_bytes: tuple[int, ...]
-    spike_bytes: int = 0
-    backward_transient_bytes: int = 0
-    unpageable_state_bytes: int = 0
-    forward_ms: float = 200.0
-    backward_ms: float = 400.0
-    optimizer_ms: float = 3.5
-
-    def __post_init__(self):
-        layers = check_step_memory_args(self.weights_bytes, self.state_bytes, self.grad_bytes,
-                                        self.layer_activation_bytes, self.spike_bytes,
-                                        self.backward_transient_bytes, self.unpageable_state_bytes,
-                                        self.forward_ms, self.backward_ms, self.optimizer_ms)
-        for name in ("weights_bytes", "state_bytes", "grad_bytes", "spike_bytes", "backward_transient_bytes",
-                     "unpageable_state_bytes"):
-            object.__setattr__(self, name, int(round(getattr(self, name))))
-        object.__setattr__(self, "layer_activation_bytes", tuple(int(round(b)) for b in layers))
-        for name in ("forward_ms", "backward_ms", "optimizer_ms"):
-            object.__setattr__(self, name, float(getattr(self, name)))
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.layer_activation_bytes)
-
-    @property
-    def pageable_state_bytes(self) -> int:
-        return self.state_bytes - self.unpageable_state_bytes
-
-
-@dataclass(frozen=True)
-class PagingEvent:
-    """Something that happened during the step, from ``t_ms`` for ``duration_ms``: ``kind`` is ``"evict"``
-    (states copied to host), ``"page_in"`` (states copied back before the update), ``"stream"`` (states that
-    do not fit back, paged in and out during the update) or ``"oom"``."""
-
-    t_ms: float
-    kind: str
-    bytes: int
-    duration_ms: float
-    message: str
-
-
-#: What the GPU holds, bottom to top in :func:`plot_timeline`. Only "states" can be paged out.
-MEMORY_KINDS = ("weights", "states", "activations", "gradients")
-
-
-@dataclass(frozen=True)
-class StepTimeline:
-    """The simulated step: bytes over time, paging transfers and the outcome.
-
-    Point ``i`` holds from ``t_ms[i]`` until ``t_ms[i + 1]``: ``resident[kind][i]`` bytes of each kind of
-    ``MEMORY_KINDS`` on the GPU (``gpu_bytes[i]`` in all), ``host_bytes[i]`` bytes of states evicted to host
-    memory, in phase ``phase[i]``. ``allocated_bytes[i]`` is counted separately, from allocations and frees
-    only (evictions and page-ins do not change it): conservation is ``gpu + host == allocated``. Several
-    points can share a time (an allocation and a free at the same instant).
-
-    Totals: ``evicted_bytes`` copied to host, ``paged_in_bytes`` copied back (``streamed_bytes`` of them
-    passed through during the update and were copied out again), ``page_out_ms`` / ``page_in_ms`` those
-    bytes at ``bandwidth``, ``step_ms`` the whole step with transfers, ``oom`` / ``oom_at_ms``.
-    """
-
-    t_ms: tuple[float, ...]
-    resident: dict[str, tuple[int, ...]]
-    gpu_bytes: tuple[int, ...]
-    host_bytes: tuple[int, ...]
-    allocated_bytes: tuple[int, ...]
-    phase: tuple[str, ...]
-    events: tuple[PagingEvent, ...]
-    capacity_bytes: int
-    paged: bool
-    bandwidth: float
-    oom: bool
-    oom_at_ms: float | None
-    evicted_bytes: int
-    paged_in_bytes: int
-    streamed_bytes: int
-    page_out_ms: float
-    page_in_ms: float
-    step_ms: float
-    memory: StepMemory = field(repr=False)
-
-    @property
-    def transfer_ms(self) -> float:
-        """Time spent moving states over PCIe in this step: ``evicted_bytes / bandwidth`` out plus
-        ``paged_in_bytes / bandwidth`` in (``streamed_bytes`` are counted in both)."""
-        return self.page_out_ms + self.page_in_ms
-
-    @property
-    def peak_gpu_bytes(self) -> int:
-        return max(self.gpu_bytes)
-
-    @property
-    def peak_allocated_bytes(self) -> int:
-        return max(self.allocated_bytes)
 
 
 class _Run:

@@ -14,9 +14,10 @@ CHAPTER = Chapter(
     checked_against='peft',
     cpu_path='CPU, float32',
     gpu_path='GPU, bf16',
-    cpu_minutes=2.0,
+    cpu_minutes=10.0,
     workshop_minutes=40,
     exercise=True,
     gpu_tests=False,
     benchmarks=(),
+    workshop_note='checked against peft',
 )

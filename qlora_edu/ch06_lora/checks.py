@@ -22,6 +22,7 @@ from torch import nn
 from qlora_edu.ch06_lora.guards import check_lora_forward_args, check_lora_linear_args
 from qlora_edu.checks import (
     CheckFailure,
+    bits,
     bnb_functional,
     case,
     expect_close,
@@ -120,6 +121,7 @@ class _Lora(nn.Module):
     scale = "alpha/r"  # "alpha" | "none" | "alpha/sqrt(r)"
     dropout_at = "input"  # "both_paths" | "after_A" | "always" | "nowhere"
     cast_back = True
+    add_in_float32 = True  # False: the update cast to the result's dtype before the sum
     a_transposed = False
     freeze_base = True
     freeze_all = False
@@ -168,7 +170,8 @@ class _Lora(nn.Module):
         down = h @ a.T
         if self.dropout_at == "after_A":
             down = F.dropout(down, self.p, self.training)
-        out = result + (down @ b.T) * self.s
+        update = (down @ b.T) * self.s
+        out = result + (update if self.add_in_float32 else update.to(result.dtype))
         return out.to(result.dtype) if self.cast_back else out
 
     def merge(self) -> nn.Linear:
@@ -193,9 +196,10 @@ class _Lora(nn.Module):
 # The layer's parts
 
 
-@case("LoRALinear", hint="self.lora_A = nn.Parameter(torch.empty(r, in_features, ...)), self.lora_B = "
-      "nn.Parameter(torch.empty(out_features, r, ...)), float32 on the base's device; the base frozen, the "
-      "adapters trainable")
+@case("LoRALinear", hint="two trainable parameters: A maps in_features down to r, B maps r up to out_features "
+      "(so B A has the base weight's shape), float32 on the base's device; the base frozen",
+      code_hint="self.lora_A = nn.Parameter(torch.empty(r, in_features, ...)), self.lora_B = "
+      "nn.Parameter(torch.empty(out_features, r, ...)); base.requires_grad_(False)")
 def lora_linear_shapes_and_frozen_base(impl):
     base = _base()
     layer = impl.LoRALinear(base, R, ALPHA)
@@ -230,8 +234,9 @@ class BaseNotFrozen(_Lora):
     freeze_base = False
 
 
-@case("LoRALinear", hint="reset_lora_parameters: nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5)) (uniform in "
-      "+-1/sqrt(in_features)) and nn.init.zeros_(self.lora_B)")
+@case("LoRALinear", hint="initialize as peft does: A random (uniform in +-1/sqrt(in_features)), B zero, so the "
+      "layer starts as exactly the base layer and the gradients can still move both",
+      code_hint="nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5)) and nn.init.zeros_(self.lora_B)")
 def lora_linear_init_like_peft(impl):
     in_f, out_f, r = 512, 96, 64  # 32,768 draws of A: its range and spread are measured to well under 1%
     torch.manual_seed(0)
@@ -289,7 +294,9 @@ class InitBothZero(_Lora):
 # The forward
 
 
-@case("LoRALinear", hint="forward: result = self.base(x); h = self.dropout(x.to(self.lora_A.dtype)); "
+@case("LoRALinear", hint="forward = the frozen base layer + (alpha / r) B A x, the adapter path in the adapters' "
+      "dtype (dropout on its input), the sum cast back to the base result's dtype once",
+      code_hint="result = self.base(x); h = self.dropout(x.to(self.lora_A.dtype)); "
       "out = (result + F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(result.dtype), "
       "with scaling = alpha / r")
 def lora_linear_forward_matches_peft(impl):
@@ -303,16 +310,19 @@ def lora_linear_forward_matches_peft(impl):
                         torch.float32, got.dtype)
             expect_close(f"the output for x of shape {shape} (bias={bias}), against peft's LoRA layer with the same "
                          "W, A and B", got, expected, atol=1e-5, rtol=1e-5)
-    # bf16 layer and input: the adapter path in float32 (the adapters' dtype), the sum rounded back to bf16
+    # bf16 layer and input: the adapter path in float32 (the adapters' dtype), the sum in float32 too, rounded
+    # back to bf16 once: peft's bits, exactly
     yours, theirs = _adapters(impl, dtype=torch.bfloat16)
-    x = torch.randn(6, IN).bfloat16()
+    x = torch.randn(128, IN).bfloat16()
     with torch.no_grad():
         got, expected = yours(x), theirs(x)
     expect_true(got.dtype == torch.bfloat16, "the output for a bfloat16 x should be bfloat16 (the input's dtype, as "
                 "peft returns it)", torch.bfloat16, got.dtype,
                 "cast x to the adapters' dtype for the adapter path, and the sum back to result.dtype")
-    expect_close("the output of a bfloat16 layer against peft's (within bfloat16 rounding)", got, expected,
-                 atol=1e-2, rtol=2**-7)
+    expect_equal("the output of a bfloat16 layer against peft's, bit for bit", bits(got), bits(expected),
+                 hint="add the float32 update to the bfloat16 result in float32 (result + update promotes), then "
+                 "cast the sum to result.dtype once, as peft does; casting the update to bfloat16 first rounds "
+                 "twice")
 
 
 @mistake("LoRALinear", caught_by=lora_linear_forward_matches_peft)
@@ -334,6 +344,14 @@ class ScalesBySqrtR(_Lora):
     """rsLoRA's alpha / sqrt(r): a real option in peft (use_rslora=True), not its default."""
 
     scale = "alpha/sqrt(r)"
+
+
+@mistake("LoRALinear", caught_by=lora_linear_forward_matches_peft, shows="rounds twice")
+class AddsInBfloat16(_Lora):
+    """``out = result + update.to(result.dtype)``: the update rounded to bf16, then the sum rounded again
+    (peft adds in float32 and rounds once); within bf16 rounding, but not peft's bits."""
+
+    add_in_float32 = False
 
 
 @mistake("LoRALinear", caught_by=lora_linear_forward_matches_peft)
@@ -446,8 +464,10 @@ class FreezesTheAdaptersToo(_Lora):
 # Merging
 
 
-@case("LoRALinear", hint="merge returns a NEW nn.Linear with weight W + (alpha / r) B @ A (summed in float32, "
-      "rounded once) and the base's bias; self.base stays as it was")
+@case("LoRALinear", hint="merge returns a NEW layer whose weight is W + (alpha / r) B A, summed in float32 and "
+      "rounded once to W's dtype, with the base's bias; self.base stays as it was",
+      code_hint="merged = torch.nn.utils.skip_init(nn.Linear, in, out, bias=..., dtype=W.dtype); under "
+      "torch.no_grad(): merged.weight.copy_(W.float() + (B.float() @ A.float()) * self.scaling)")
 def lora_linear_merge_is_a_new_exact_layer(impl):
     for bias, dtype in ((True, torch.float32), (False, torch.float32), (True, torch.bfloat16)):
         yours, _ = _adapters(impl, bias=bias, dtype=dtype)

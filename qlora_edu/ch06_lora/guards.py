@@ -14,7 +14,9 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
-from qlora_edu.common.guards import check_float_tensor, check_int
+from qlora_edu.ch03_double_quant.storage import LLAMA_SHAPES, LlamaShape
+from qlora_edu.common.guards import check_dtype_choice, check_float_tensor, check_int
+from qlora_edu.common.names import LLAMA_TARGETS
 
 __all__ = [
     "ADAPTER_DTYPES",
@@ -67,9 +69,7 @@ def check_dropout(dropout: object) -> float:
 
 def check_adapter_dtype(adapter_dtype: object) -> torch.dtype:
     """``adapter_dtype`` must be one of :data:`ADAPTER_DTYPES`."""
-    if adapter_dtype not in ADAPTER_DTYPES:
-        raise TypeError(f"adapter_dtype must be one of {ADAPTER_DTYPES}, got {adapter_dtype!r}")
-    return adapter_dtype
+    return check_dtype_choice("adapter_dtype", adapter_dtype, ADAPTER_DTYPES)
 
 
 
@@ -116,7 +116,6 @@ def check_config_or_shape(config_or_shape: object) -> object:
     ``qlora_edu.ch03_double_quant.storage.LlamaShape``, a LLaMA-1 name (``"7B"``, ``"13B"``, ``"33B"``, ``"65B"``) or a
     tuple of
     positive ints ``(hidden, intermediate, n_layers[, vocab])``."""
-    from qlora_edu.ch03_double_quant.storage import LLAMA_SHAPES, LlamaShape
 
     what = ("config_or_shape must be a transformers config, a LlamaShape, a name like '7B' or a tuple of positive "
             "ints (hidden, intermediate, n_layers[, vocab])")
@@ -184,7 +183,6 @@ def check_replace_linears_args(model: object, target_modules: object, make_layer
 
 def check_lora_param_count_args(config_or_shape: object, r: object, target_modules: object) -> None:
     """Guard of ``lora_param_count`` / ``trainable_percent(config_or_shape, r, target_modules)``."""
-    from qlora_edu.ch06_lora.lora import LLAMA_TARGETS
 
     check_config_or_shape(config_or_shape)
     check_rank(r)

@@ -8,7 +8,8 @@ train only those:
 
 * ``W`` and ``b`` are frozen (``requires_grad = False``): no gradient, no optimizer state for them.
 * ``A`` starts random (``kaiming_uniform_(a=sqrt(5))``, i.e. uniform in ``+-1/sqrt(in)``, the default of
-  ``nn.Linear`` and of peft), ``B`` starts at zero: ``B A = 0``, so training starts exactly at the
+  ``nn.Linear``, of peft and of ``loralib``, the LoRA paper's code; the paper's text draws ``A`` from a Gaussian,
+  peft's ``init_lora_weights="gaussian"``), ``B`` starts at zero: ``B A = 0``, so training starts exactly at the
   pretrained model, and the first gradient step moves ``B`` (``dL/dB = s * g (A x)^T`` is not zero).
 * ``alpha / r`` (``scaling``) keeps the size of the update roughly independent of ``r``: doubling the rank
   does not double the learning rate that works.
@@ -50,6 +51,7 @@ from qlora_edu.ch06_lora.guards import (
     check_replace_linears_args,
     check_target_modules,
 )
+from qlora_edu.common.names import LLAMA_TARGETS
 
 __all__ = [
     "LLAMA_ATTENTION",
@@ -67,10 +69,11 @@ __all__ = [
     "trainable_percent",
 ]
 
-#: The seven linear projections of a Llama decoder layer, by their names in transformers.
-LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
-LLAMA_TARGETS = LLAMA_ATTENTION + LLAMA_MLP
+#: The seven linear projections of a Llama decoder layer, by their names in transformers: ``LLAMA_TARGETS`` (the
+#: course's one list, kept with the model set-up in :mod:`qlora_edu.common.training_setup`), attention's four and the
+#: MLP's three.
+LLAMA_ATTENTION = LLAMA_TARGETS[:4]  # q_proj, k_proj, v_proj, o_proj
+LLAMA_MLP = LLAMA_TARGETS[4:]  # gate_proj, up_proj, down_proj
 
 
 class LoRALinear(nn.Module):
@@ -103,9 +106,9 @@ class LoRALinear(nn.Module):
         # the base's device: nn.Linear has a weight; chapter 7's NF4Linear keeps its 4-bit weight in buffers
         device = next(itertools.chain(base.parameters(), base.buffers())).device
         # BEGIN SOLUTION
-        # Hint: two trainable nn.Parameters, dtype adapter_dtype, on `device` (their values come next, in
-        # Hint: reset_lora_parameters: torch.empty is enough here): self.lora_A of shape (r, in_features) and
-        # Hint: self.lora_B of shape (out_features, r), so that B @ A is (out, in) like base.weight.
+        # Hint: two trainable parameters, self.lora_A and self.lora_B, in adapter_dtype on `device`: A maps
+        # Hint: in_features down to r, B maps r up to out_features, so that B @ A has base.weight's shape.
+        # Hint: Their values come next, in reset_lora_parameters.
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=adapter_dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=adapter_dtype, device=device))
         # END SOLUTION
@@ -119,9 +122,9 @@ class LoRALinear(nn.Module):
         ``bound = sqrt(6 / ((1 + a^2) * fan_in)) = 1 / sqrt(in_features)``.
         """
         # BEGIN SOLUTION
-        # Hint: peft does what nn.Linear does to its weight: nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5)),
-        # Hint: i.e. U(-1/sqrt(in_features), 1/sqrt(in_features)); and B = 0 (nn.init.zeros_), so B A = 0 and the
-        # Hint: layer starts as exactly the base layer. (Not both zero: then no gradient would ever move them.)
+        # Hint: as peft (and nn.Linear for its own weight): A random, uniform in +-1/sqrt(in_features); B zero, so
+        # Hint: B A = 0 and the layer starts as exactly the base layer. (Not both zero: then no gradient would
+        # Hint: ever move them.)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
         # END SOLUTION
@@ -132,10 +135,9 @@ class LoRALinear(nn.Module):
         check_lora_forward_args(x, self.in_features)
         result = self.base(x)  # W x + b, frozen
         # BEGIN SOLUTION
-        # Hint: the adapter path runs in the adapters' dtype: cast x to self.lora_A.dtype first, then apply
-        # Hint: self.dropout, then A (F.linear(h, self.lora_A) computes h @ A^T), then B, then * self.scaling.
-        # Hint: Add it to `result` and cast the sum back to result.dtype (peft adds in float32, then casts).
-        # Hint: End with `out`: the line below returns it.
+        # Hint: the adapter path runs in the adapters' dtype: dropout on the input, then A, then B, times the
+        # Hint: scaling. Add it to `result` in that dtype and round the sum back to result.dtype once, as peft
+        # Hint: does (the bf16 check compares bits). End with `out`: the line below returns it.
         h = self.dropout(x.to(self.lora_A.dtype))
         update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
         out = (result + update).to(result.dtype)
@@ -155,12 +157,9 @@ class LoRALinear(nn.Module):
         weight = self.base_weight()
         bias = self.base.bias
         # BEGIN SOLUTION
-        # Hint: work in float32 (or float64 if W is): work = torch.promote_types(weight.dtype, torch.float32);
-        # Hint: delta = (B @ A) * self.scaling, an (out, in) matrix, from the detached adapters cast to `work`.
-        # Hint: A NEW layer, never self.base changed in place: torch.nn.utils.skip_init(nn.Linear, in, out,
-        # Hint: bias=bias is not None, device=weight.device, dtype=weight.dtype) (skip_init: no random init to
-        # Hint: overwrite); then, under torch.no_grad(), copy W + delta into its weight (copy_ rounds once to
-        # Hint: W's dtype) and the bias into its bias. End with `merged`: the line below returns it.
+        # Hint: a NEW layer (never self.base changed in place) whose weight is W + scaling * B A, the sum worked
+        # Hint: out in float32 (or float64 if W is) and rounded once to W's dtype, with the base's bias.
+        # Hint: End with `merged`: the line below returns it.
         work = torch.promote_types(weight.dtype, torch.float32)
         delta = (self.lora_B.detach().to(work) @ self.lora_A.detach().to(work)) * self.scaling
         # skip_init: no random initialization to overwrite (and no draw from torch's global RNG)

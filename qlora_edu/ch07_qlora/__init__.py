@@ -14,9 +14,9 @@ CHAPTER = Chapter(
     checked_against='bitsandbytes `Linear4bit` + peft',
     cpu_path='CPU QLoRA training steps, bf16 compute',
     gpu_path='GPU, bf16 (fp16 on T4/V100)',
-    cpu_minutes=4.0,
+    cpu_minutes=18.0,
     workshop_minutes=40,
     exercise=True,
     gpu_tests=True,
-    benchmarks=('benchmarks/bench_qlora.py', ),
+    benchmarks=('benchmarks/bench_qlora.py',),
 )

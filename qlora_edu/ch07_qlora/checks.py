@@ -83,8 +83,9 @@ def _matmul_under_test(impl):
 
 
 @case("nf4_matmul", "NF4Matmul",
-      hint="forward: w = dequantize_nf4(weight).to(x.dtype); return F.linear(x, w, bias) (that is "
-      "x @ w.T + bias), in x's dtype")
+      hint="forward: the weight dequantized from its 4-bit storage, in x's dtype, applied as a linear layer "
+      "(x W^T + bias)",
+      code_hint="w = dequantize_nf4(weight).to(x.dtype); out = F.linear(x, w, bias)")
 def nf4_matmul_matches_float64_reference(impl):
     """``x W^T + b`` against a float64 product with bitsandbytes' dequantization of the same bytes, cast to the
     compute dtype: within one rounding of the output dtype, returned in ``x``'s dtype and shape (..., out)."""
@@ -107,8 +108,10 @@ def nf4_matmul_matches_float64_reference(impl):
                        "y = x W^T + b: F.linear(x, w, bias), w the dequantized (out, in) weight")
 
 
-@case("nf4_matmul", "NF4Matmul", hint="backward: grad_x = grad_out @ W (W is (out, in): no transpose, y = x W^T), "
-      "W dequantized again from ctx.weight and cast to grad_out.dtype; return (grad_x, None, None)")
+@case("nf4_matmul", "NF4Matmul", hint="backward: y = x W^T, so dL/dx = dL/dy W, with W dequantized again from "
+      "the 4-bit storage; the frozen weight and the bias get no gradient",
+      code_hint="grad_x = grad_out @ dequantize_nf4(ctx.weight).to(grad_out.dtype) (W is (out, in): no transpose); "
+      "return grad_x, None, None")
 def nf4_matmul_input_gradient(impl):
     """``dL/dx`` equals autograd's through ``F.linear`` with the dequantized weight (float32: to float32
     accuracy; bf16: within one bf16 rounding of the float64 ``dL/dy W``), shape and dtype of ``x``; square and
@@ -284,8 +287,10 @@ def _bnb_linear4bit(base: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     return qlora_edu.to_bnb_linear4bit(base, 64, True, compute_dtype).train()
 
 
-@case("nf4_linear", hint="x.to(compute_dtype), bias.to(compute_dtype), nf4_matmul, then .to(x.dtype): the matmul "
-      "runs in compute_dtype whatever x's dtype, and the result comes back in x's dtype")
+@case("nf4_linear", hint="the matmul runs in compute_dtype whatever x's dtype (x, weight and bias all in it), "
+      "and the result comes back in x's dtype",
+      code_hint="nf4_matmul(x.to(compute_dtype), dataclasses.replace(weight, dtype=compute_dtype), "
+      "bias.to(compute_dtype) if any).to(x.dtype)")
 def nf4_linear_equals_bitsandbytes_linear4bit(impl):
     """Bit for bit bitsandbytes' ``Linear4bit`` (train mode) on the same bytes: x float32 or bf16, compute dtype
     bf16 / fp16 / fp32, with and without bias; the output in ``x``'s dtype."""

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from qlora_edu.ch03_double_quant.nf4_tensor import NF4Tensor
 from qlora_edu.ch06_lora.guards import (
     check_alpha,
     check_apply_lora_args,
@@ -22,16 +23,24 @@ from qlora_edu.ch06_lora.guards import (
     check_rank,
     check_target_modules,
 )
-from qlora_edu.common.guards import check_bool, check_float_tensor, check_int, check_power_of_two, check_tensor
+from qlora_edu.ch06_lora.lora import LoRALinear
+from qlora_edu.common.guards import (
+    check_bool,
+    check_device,
+    check_dtype_choice,
+    check_float_tensor,
+    check_instance,
+    check_int,
+    check_power_of_two,
+    check_tensor,
+)
 
 __all__ = [
     "COMPUTE_DTYPES",
-    "check_apply_bnb_4bit_args",
     "check_apply_qlora_args",
     "check_compare_training_args",
     "check_compute_dtype",
     "check_copy_adapters_to_peft_args",
-    "check_device",
     "check_nf4_from_linear_args",
     "check_nf4_linear_args",
     "check_nf4_linear_module_args",
@@ -49,9 +58,7 @@ COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def check_compute_dtype(compute_dtype: object) -> torch.dtype:
     """``compute_dtype`` must be one of :data:`COMPUTE_DTYPES` (bfloat16, float16, float32)."""
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise TypeError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
-    return compute_dtype
+    return check_dtype_choice("compute_dtype", compute_dtype, COMPUTE_DTYPES)
 
 
 def check_quant_options(blocksize: object, double_quant: object, compute_dtype: object) -> None:
@@ -64,12 +71,7 @@ def check_quant_options(blocksize: object, double_quant: object, compute_dtype: 
 def check_nf4_weight(weight: object):
     """``weight`` must be an :class:`~qlora_edu.ch03_double_quant.nf4_tensor.NF4Tensor` holding a 2-D ``(out, in)``
     matrix."""
-    from qlora_edu.ch03_double_quant.nf4_tensor import (
-        NF4Tensor,  # here, not at the top: validation must not import the lessons
-    )
-
-    if not isinstance(weight, NF4Tensor):
-        raise TypeError(f"weight must be an NF4Tensor (from quantize_nf4), got {type(weight).__name__}")
+    check_instance("weight", weight, NF4Tensor, "from quantize_nf4")
     if len(weight.shape) != 2:
         raise ValueError(f"weight must hold a 2-D (out_features, in_features) matrix, got shape {tuple(weight.shape)}")
     return weight
@@ -131,7 +133,7 @@ def check_nf4_linear_module_args(weight: object, bias: object, compute_dtype: ob
 
 
 def check_nf4_from_linear_args(base: object, blocksize: object, double_quant: object, compute_dtype: object) -> None:
-    """Guard of ``NF4Linear.from_linear`` / ``to_bnb_linear4bit(base, blocksize, double_quant, compute_dtype)``."""
+    """Guard of ``NF4Linear.from_linear(base, blocksize, double_quant, compute_dtype)``."""
     if not isinstance(base, nn.Linear):
         raise TypeError(f"base must be a torch.nn.Linear, got {type(base).__name__}")
     check_float_tensor("base.weight", base.weight.detach())  # a NaN weight would quantize to garbage
@@ -154,14 +156,6 @@ def check_apply_qlora_args(model: object, target_modules: object, r: object, alp
     check_quant_options(blocksize, double_quant, compute_dtype)
 
 
-def check_apply_bnb_4bit_args(model: object, target_modules: object, blocksize: object, double_quant: object,
-                              compute_dtype: object) -> None:
-    """Guard of ``apply_bnb_4bit(model, target_modules, blocksize, double_quant, compute_dtype)``."""
-    check_model(model)
-    check_target_modules(target_modules)
-    check_quant_options(blocksize, double_quant, compute_dtype)
-
-
 def check_copy_adapters_to_peft_args(model: object, peft_model: object, adapter: object) -> None:
     """Guard of ``copy_adapters_to_peft(model, peft_model, adapter)``."""
     check_model(model)
@@ -178,23 +172,11 @@ def check_saved_tensor_log_args(exclude: object) -> None:
 
 
 def check_trace_flow_args(layer: object, x: object) -> None:
-    """Guard of ``trace_flow(layer, x)``: a QLoRALinear and an input it accepts."""
-    from qlora_edu.ch07_qlora.qlora import QLoRALinear
-
-    if not isinstance(layer, QLoRALinear):
-        raise TypeError(f"layer must be a QLoRALinear, got {type(layer).__name__}")
+    """Guard of ``trace_flow(layer, x)``: a QLoRALinear (a LoRALinear whose base holds an NF4Tensor) and an input
+    it accepts. (Checked by what the layer is made of: this module sits below the one that defines QLoRALinear.)"""
+    if not (isinstance(layer, LoRALinear) and isinstance(getattr(layer.base, "nf4_weight", None), NF4Tensor)):
+        raise TypeError(f"layer must be a QLoRALinear (QLoRALinear.from_linear(...)), got {type(layer).__name__}")
     check_lora_forward_args(x, layer.in_features)
-
-
-def check_device(device: object) -> torch.device:
-    """``device`` must name a torch device that exists here (``"cpu"``, ``"cuda"``, a ``torch.device``)."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be a torch.device or a string like 'cpu' or 'cuda', got {device!r}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device is {str(device)!r} but torch.cuda.is_available() is False; use 'cpu'")
-    return device
 
 
 def check_compare_training_args(steps: object, r: object, alpha: object, lr: object, batch: object, seq: object,
@@ -221,4 +203,4 @@ def check_compare_training_args(steps: object, r: object, alpha: object, lr: obj
             raise ValueError(f"tokens must be a (batch, seq >= 2) tensor of token ids (int64), got "
                              f"{tuple(tokens.shape)} {tokens.dtype}")
     check_bool("progress", progress)
-    return check_device(device)
+    return check_device("device", device)

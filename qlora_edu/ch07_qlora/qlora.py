@@ -17,7 +17,9 @@ The computation is never done in 4 bits: 4 bits is only how ``W`` is *stored*. G
 :class:`NF4Matmul` is a ``torch.autograd.Function`` that keeps only the NF4 storage (which the layer holds
 anyway) and dequantizes a second time in backward, where ``dL/dx = dL/dy W``. That is what bitsandbytes'
 ``MatMul4Bit`` does too. The price: one more dequantization per layer and step (three with gradient
-checkpointing: forward, recomputed forward, backward).
+checkpointing: forward, recomputed forward, backward). It does not shrink with the batch: at 4,096 tokens a
+GPU dequantization is a fraction of the matmul it feeds, at 512 tokens several times it (chapter 7, section 6b),
+which is why QLoRA's tokens/s trail LoRA's.
 
 The layers:
 
@@ -32,55 +34,43 @@ The layers:
 
 Shapes: ``x`` ``(..., in)``, ``y`` ``(..., out)``; ``A`` ``(r, in)``, ``B`` ``(out, r)``, float32.
 
-The end of the module compares with the real thing (bitsandbytes + peft): :func:`to_bnb_linear4bit`,
-:func:`compare_training`, and shows what flows where (:func:`trace_flow`) and what autograd keeps
-(:class:`SavedTensorLog`).
+The end of the module shows what flows where (:func:`trace_flow`). The instruments and harnesses around the layer
+(what autograd keeps, :class:`~qlora_edu.ch07_qlora.tools.SavedTensorLog`; training next to peft + bitsandbytes,
+:func:`~qlora_edu.ch07_qlora.tools.compare_training`) are in :mod:`qlora_edu.ch07_qlora.tools`; bitsandbytes' twin of
+the layer is :func:`qlora_edu.common.training_setup.to_bnb_linear4bit`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora_edu.ch03_double_quant.nf4_tensor import NF4Tensor, dequantize_nf4, quantize_nf4
-from qlora_edu.ch06_lora.lora import LLAMA_TARGETS, LoRALinear, count_parameters, lora_parameters, replace_linears
+from qlora_edu.ch03_double_quant.nf4_codec import dequantize_nf4, quantize_nf4
+from qlora_edu.ch03_double_quant.nf4_tensor import NF4Tensor
+from qlora_edu.ch06_lora.lora import LoRALinear, replace_linears
 from qlora_edu.ch07_qlora.guards import (
-    check_apply_bnb_4bit_args,
     check_apply_qlora_args,
-    check_compare_training_args,
-    check_copy_adapters_to_peft_args,
     check_nf4_from_linear_args,
     check_nf4_linear_args,
     check_nf4_linear_module_args,
     check_nf4_matmul_args,
     check_qlora_from_linear_args,
-    check_saved_tensor_log_args,
     check_trace_flow_args,
 )
-from qlora_edu.common.progress import progress_bar
 
 __all__ = [
     "FlowStep",
     "NF4Linear",
     "NF4Matmul",
     "QLoRALinear",
-    "SavedTensorLog",
-    "TrainingComparison",
-    "apply_bnb_4bit",
     "apply_qlora",
-    "compare_training",
-    "copy_adapters_to_peft",
     "nf4_linear",
     "nf4_matmul",
-    "tiny_llama_config",
-    "to_bnb_linear4bit",
     "trace_flow",
 ]
 
@@ -101,10 +91,9 @@ class NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # BEGIN SOLUTION
-        # Hint: w = dequantize_nf4(weight) is (out, in) in the weight's dtype: cast it to x.dtype, then
-        # Hint: out = F.linear(x, w, bias). For backward keep only the 4-bit storage: ctx.weight = weight
-        # Hint: (a plain attribute, the layer holds those bytes anyway); do NOT ctx.save_for_backward(w).
-        # Hint: End with `out`: the line below returns it.
+        # Hint: dequantize the weight, in x's dtype, and apply it as a linear layer (x W^T + bias). For backward
+        # Hint: keep only the 4-bit storage on ctx (the layer holds those bytes anyway), never the dense weight:
+        # Hint: that is the memory QLoRA saves. End with `out`: the line below returns it.
         w = dequantize_nf4(weight).to(x.dtype)
         out = F.linear(x, w, bias)
         ctx.weight = weight  # `w` dies when forward returns: only the NF4 bytes stay reachable
@@ -115,8 +104,8 @@ class NF4Matmul(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
         grad_x = None
         # BEGIN SOLUTION
-        # Hint: y = x W^T, so dL/dx = dL/dy @ W: dequantize ctx.weight again, cast to grad_out.dtype, matmul
-        # Hint: (torch.matmul handles the leading batch dims). Only if ctx.needs_input_grad[0].
+        # Hint: y = x W^T, so dL/dx = dL/dy W, with W dequantized again from the storage kept on ctx, in
+        # Hint: grad_out's dtype; only if x needs a gradient (ctx.needs_input_grad).
         if ctx.needs_input_grad[0]:
             grad_x = torch.matmul(grad_out, dequantize_nf4(ctx.weight).to(grad_out.dtype))
         # END SOLUTION
@@ -157,10 +146,9 @@ def nf4_linear(x: torch.Tensor, weight: NF4Tensor, bias: torch.Tensor | None = N
     """
     check_nf4_linear_args(x, weight, bias, compute_dtype)
     # BEGIN SOLUTION
-    # Hint: three casts around one nf4_matmul: x to compute_dtype, the bias (if any) to compute_dtype, the
-    # Hint: result back to x.dtype. For the weight, dataclasses.replace(weight, dtype=compute_dtype) is an
-    # Hint: NF4Tensor that dequantizes straight into compute_dtype (the same bits as dequantizing to its own
-    # Hint: dtype and casting, without the float32 copy). End with `out`: the line below returns it.
+    # Hint: one nf4_matmul in compute_dtype: x, the weight and the bias (if any) in compute_dtype, the result
+    # Hint: back in x's dtype. An NF4Tensor can dequantize straight into another dtype (see its `dtype` field).
+    # Hint: End with `out`: the line below returns it.
     w = dataclasses.replace(weight, dtype=compute_dtype)
     b = None if bias is None else bias.to(compute_dtype)
     out = nf4_matmul(x.to(compute_dtype), w, b).to(x.dtype)
@@ -364,220 +352,3 @@ def trace_flow(layer: QLoRALinear, x: torch.Tensor) -> list[FlowStep]:
         finally:
             layer.train(was_training)
     return steps
-
-
-class _Held:
-    """What :class:`SavedTensorLog` hands autograd for one saved tensor; releases its bytes when dropped."""
-
-    __slots__ = ("tensor", "release")
-
-    def __init__(self, tensor: torch.Tensor, release: Callable[[], None]):
-        self.tensor, self.release = tensor, release
-
-    def __del__(self):
-        self.release()
-
-
-class SavedTensorLog:
-    """Records what autograd saves for backward while the ``with`` block is active.
-
-    ``with SavedTensorLog(exclude=model) as log: loss = model(...).loss; loss.backward()`` then
-    ``log.records`` lists ``(shape, dtype, nbytes)`` of every saved tensor and ``log.peak_bytes`` the most
-    bytes held for backward at once (distinct storages: a tensor saved by three layers counts once).
-    Tensors that share storage with ``exclude``'s parameters or buffers (weights saved by ``F.linear`` for
-    the input's gradient) are not activations and are left out.
-
-    With gradient checkpointing use ``use_reentrant=True``: the non-reentrant kind saves through its own
-    hooks, which hide the recomputed layer's tensors from this log.
-    """
-
-    def __init__(self, exclude: nn.Module | None = None):
-        check_saved_tensor_log_args(exclude)
-        self.exclude = exclude
-        self.records: list[tuple[tuple[int, ...], torch.dtype, int]] = []
-        self.live_bytes = self.peak_bytes = 0
-        self._held: dict[int, list[int]] = {}  # storage address -> [bytes, how many saves hold it]
-        self._skip: set[int] = set()
-
-    def __enter__(self) -> SavedTensorLog:
-        module_tensors = [] if self.exclude is None else [*self.exclude.parameters(), *self.exclude.buffers()]
-        self._skip = {t.untyped_storage().data_ptr() for t in module_tensors}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor | _Held:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in self._skip or storage.nbytes() == 0:
-            return t
-        self.records.append((tuple(t.shape), t.dtype, t.numel() * t.element_size()))
-        entry = self._held.setdefault(key, [storage.nbytes(), 0])
-        if entry[1] == 0:
-            self.live_bytes += entry[0]
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        entry[1] += 1
-        # detach(): the same storage without the autograd history (holding t itself could tie a reference
-        # cycle through t.grad_fn and free the memory later than autograd normally does)
-        return _Held(t.detach(), functools.partial(self._release, key))
-
-    def _release(self, key: int) -> None:
-        entry = self._held[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live_bytes -= entry[0]
-            del self._held[key]
-
-    @staticmethod
-    def _unpack(held: torch.Tensor | _Held) -> torch.Tensor:
-        return held.tensor if isinstance(held, _Held) else held
-
-
-# ----------------------------------------------------------------------------------------------
-# The real thing: bitsandbytes' Linear4bit and peft's LoRA, for comparison
-
-
-def to_bnb_linear4bit(base: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                      compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """bitsandbytes' ``Linear4bit`` (NF4) built from ``base``'s weight, quantized on ``base``'s device.
-
-    On the CPU its packed codes and constants are byte for byte those of
-    ``quantize_nf4(base.weight, blocksize, double_quant)`` (grid rounding), so the two layers can be compared
-    exactly. Compare in train mode: in eval mode under ``torch.no_grad()`` on AVX512-BF16 CPUs bitsandbytes
-    repacks the weight for a bf16 kernel (approximating the constants).
-    """
-    check_nf4_from_linear_args(base, blocksize, double_quant, compute_dtype)
-    import bitsandbytes as bnb
-
-    device = base.weight.device
-    layer = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=base.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
-                              device="meta")
-    # Params4bit shares base.weight's storage until it quantizes, then holds only the 4-bit bytes
-    layer.weight = bnb.nn.Params4bit(base.weight.detach(), requires_grad=False, blocksize=blocksize,
-                                     compress_statistics=double_quant, quant_type="nf4", module=layer)
-    if base.bias is not None:
-        layer.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
-    return layer.to(device)  # Params4bit quantizes when it is moved to a (non-meta) device
-
-
-def apply_bnb_4bit(model: nn.Module, target_modules: Sequence[str], blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """The bitsandbytes twin of :func:`apply_qlora`'s base: the selected linears become ``Linear4bit`` (NF4),
-    everything frozen. Put peft's LoRA on it with ``get_peft_model``. Returns ``model`` (changed in place)."""
-    check_apply_bnb_4bit_args(model, target_modules, blocksize, double_quant, compute_dtype)
-    return replace_linears(model, target_modules,
-                           lambda linear: to_bnb_linear4bit(linear, blocksize, double_quant, compute_dtype))
-
-
-def copy_adapters_to_peft(model: nn.Module, peft_model: nn.Module, adapter: str = "default") -> int:
-    """Copy every (Q)LoRA layer's ``A`` and ``B`` of ``model`` into the same-named layer of ``peft_model``
-    (a ``PeftModel`` built on an identical copy of the original model). Returns the number of layers copied."""
-    check_copy_adapters_to_peft_args(model, peft_model, adapter)
-    copied = 0
-    with torch.no_grad():
-        for name, layer in model.named_modules():
-            if isinstance(layer, LoRALinear):
-                twin = peft_model.get_submodule(f"base_model.model.{name}")
-                twin.lora_A[adapter].weight.copy_(layer.lora_A)
-                twin.lora_B[adapter].weight.copy_(layer.lora_B)
-                copied += 1
-    return copied
-
-
-def tiny_llama_config(**overrides):
-    """A small random Llama (2 layers, hidden 128, MLP 256, 4 heads / 2 KV heads, vocab 256) for fast checks.
-
-    Every dimension is a multiple of 64, so each weight row is whole NF4 blocks (bitsandbytes 0.50.2
-    dequantizes some other multi-row shapes wrongly on AVX512 CPUs). Keyword arguments override fields.
-    """
-    from transformers import LlamaConfig
-
-    fields = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
-                  tie_word_embeddings=True)
-    return LlamaConfig(**{**fields, **overrides})
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingComparison:
-    """Loss curves of the same training through ours and through peft + bitsandbytes."""
-
-    ours: list[float]
-    peft: list[float]
-    trainable: tuple[int, int]  # trainable parameters: ours, peft's
-
-    @property
-    def max_abs_diff(self) -> float:
-        return max(abs(a - b) for a, b in zip(self.ours, self.peft, strict=True))
-
-
-def compare_training(steps: int = 30, *, r: int = 8, alpha: float = 16, lr: float = 1e-3, batch: int = 4,
-                     seq: int = 32, seed: int = 0, compute_dtype: torch.dtype = torch.bfloat16,
-                     target_modules: Sequence[str] = LLAMA_TARGETS, config=None,
-                     device: str | torch.device = "cpu", model: nn.Module | None = None,
-                     tokens: torch.Tensor | None = None, progress: bool = False) -> TrainingComparison:
-    """Train one random Llama two ways, ours (:func:`apply_qlora`) and peft + bitsandbytes, and return both
-    loss curves.
-
-    Both start from the same weights (the same NF4 bytes), the same adapters (ours, copied into peft's), and
-    see the same batch of random tokens every step (so the loss falls: the model memorizes it), with
-    ``torch.optim.AdamW(lr=lr)`` on the adapters. peft's side is what ``get_peft_model`` builds on
-    ``Linear4bit`` layers: adapters in float32, everything else frozen.
-
-    Args:
-        steps: optimizer steps.
-        r, alpha: the adapters (no dropout, so both sides compute the same function).
-        lr: AdamW learning rate.
-        batch, seq: the batch of token ids.
-        seed: seeds the model, the adapters and the tokens.
-        compute_dtype: dtype of the 4-bit matmuls.
-        target_modules: which projections get adapters.
-        config: a transformers ``LlamaConfig`` (default :func:`tiny_llama_config`).
-        device: where both models train. On CUDA bitsandbytes rounds the double-quantized constants to the
-            nearest code and ``quantize_nf4`` to its CPU grid, so ~0.2% of the constants differ slightly.
-        model: a Hugging Face causal LM to start from instead of a random Llama (``config`` and ``seed``'s
-            weights are then unused); it is copied twice and not changed.
-        tokens: a ``(batch, seq)`` batch of token ids to train on instead of random ones (``batch``, ``seq``
-            are then unused).
-        progress: show a progress bar per side.
-
-    Returns:
-        a :class:`TrainingComparison` with the per-step losses of both.
-    """
-    device = check_compare_training_args(steps, r, alpha, lr, batch, seq, seed, compute_dtype, target_modules, device,
-                                         model, tokens, progress)
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)  # the adapters' initialization (and the random model's weights)
-    if model is None:
-        reference = LlamaForCausalLM(tiny_llama_config() if config is None else config).to(device)
-    else:
-        reference = copy.deepcopy(model).to(device)
-    ours = apply_qlora(copy.deepcopy(reference), target_modules, r, alpha, 0.0, 64, True, compute_dtype)
-    theirs = apply_bnb_4bit(reference, target_modules, 64, True, compute_dtype)
-    theirs = get_peft_model(theirs, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
-                                               target_modules=list(target_modules)))
-    copy_adapters_to_peft(ours, theirs)
-    if tokens is None:
-        tokens = torch.randint(ours.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
-    tokens = tokens.to(device)
-
-    curves = []
-    for side, trained, params in (("ours", ours, lora_parameters(ours)),
-                                  ("peft + bitsandbytes", theirs, [p for p in theirs.parameters() if p.requires_grad])):
-        trained.train()
-        optimizer = torch.optim.AdamW(params, lr=lr)
-        losses = []
-        for _ in progress_bar(range(steps), desc=f"training, {side}", enabled=progress):
-            loss = trained(input_ids=tokens, labels=tokens).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        curves.append(losses)
-    return TrainingComparison(curves[0], curves[1], (count_parameters(ours)[0], count_parameters(theirs)[0]))

@@ -43,18 +43,38 @@ def reference_labels(ids: torch.Tensor, prompt_lengths: torch.Tensor, mask: torc
     return torch.tensor(out, dtype=torch.long)
 
 
+#: The hint for labels that lost the response's end token: padding found by the pad id, not by the mask.
+PAD_BY_MASK = ("padding is where attention_mask == 0, not where input_ids == pad_token_id: SmolLM2 pads with its "
+               "end token <|im_end|>, and the response's own end token must keep its label (or the model never "
+               "learns to stop)")
+
+
+def _expect_labels(what: str, got: torch.Tensor, expected: torch.Tensor, hint: str = "") -> None:
+    """``got == expected``; first, the diagnosis of one mistake: labels right but for the end tokens the
+    response keeps, masked as if they were padding."""
+    if isinstance(got, torch.Tensor) and got.shape == expected.shape and got.dtype == expected.dtype:
+        lost_end = (expected == EOS) & (got == IGNORE)
+        if bool(lost_end.any()) and bool(((got == expected) | lost_end).all()):
+            raise CheckFailure(f"{what}: the response's end token (id {EOS}) lost its label at {int(lost_end.sum())} "
+                               "position(s); every other label is right", expected, got, PAD_BY_MASK)
+    expect_equal(what, got, expected, hint)
+
+
 # ----------------------------------------------------------------------------------------------
 
 
-@case("mask_prompt_labels", hint="-100 on positions t < prompt_lengths[b], the token id from there on; the labels "
-      "are not shifted (the model shifts them), so the first response token keeps its own id at its own position")
+@case("mask_prompt_labels", hint="a label is -100 where the loss must ignore the position: the prompt, "
+      "positions t < prompt_lengths[b]. The labels are not shifted (the model shifts them), so the first "
+      "response token keeps its own id at its own position",
+      code_hint="positions = torch.arange(T); prompt = positions[None, :] < prompt_lengths[:, None]; "
+      "input_ids.masked_fill(prompt | (attention_mask == 0), -100)")
 def prompt_positions_are_ignored(impl):
     """Two rows without padding: prompts of 3 and 2 tokens, then the response and its end token."""
     ids, plen, mask = _batch([([11, 12, 13, 21, 22, 23, EOS], 3), ([11, 12, 21, 22, 23, 24, EOS], 2)], 7)
     got = impl.mask_prompt_labels(ids, plen, mask)
     expected = torch.tensor([[IGNORE, IGNORE, IGNORE, 21, 22, 23, EOS],
                              [IGNORE, IGNORE, 21, 22, 23, 24, EOS]])
-    expect_equal("labels of two unpadded rows (prompt lengths 3 and 2)", got, expected)
+    _expect_labels("labels of two unpadded rows (prompt lengths 3 and 2)", got, expected)
 
 
 @mistake("mask_prompt_labels", caught_by=prompt_positions_are_ignored)
@@ -83,9 +103,7 @@ def mask_prompt_labels_shifted(input_ids, prompt_lengths, attention_mask):
     return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
 
 
-@case("mask_prompt_labels", hint="padding is where attention_mask == 0, not where input_ids == pad_token_id: "
-      "SmolLM2 pads with its end token <|im_end|>, and the response's own end token must keep its label (or the "
-      "model never learns to stop)")
+@case("mask_prompt_labels", hint=PAD_BY_MASK)
 def padding_is_ignored_end_token_kept(impl):
     """Right padding with the end token's id: the padding gets -100, the response's end token keeps its id."""
     ids, plen, mask = _batch([([11, 12, 13, 21, 22, EOS], 3), ([11, 12, 21, 22, 23, 24, 25, EOS], 2),
@@ -94,10 +112,10 @@ def padding_is_ignored_end_token_kept(impl):
     expected = torch.tensor([[IGNORE, IGNORE, IGNORE, 21, 22, EOS, IGNORE, IGNORE],
                              [IGNORE, IGNORE, 21, 22, 23, 24, 25, EOS],
                              [IGNORE, 21, EOS, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]])
-    expect_equal("labels of three right-padded rows (pad id = end id = 2)", got, expected)
+    _expect_labels("labels of three right-padded rows (pad id = end id = 2)", got, expected)
 
 
-@mistake("mask_prompt_labels", caught_by=padding_is_ignored_end_token_kept)
+@mistake("mask_prompt_labels", caught_by=padding_is_ignored_end_token_kept, shows=PAD_BY_MASK)
 def mask_prompt_labels_by_pad_id(input_ids, prompt_lengths, attention_mask):
     """Finds the padding by its token id: with pad = end token, every response loses its end token."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -112,8 +130,9 @@ def mask_prompt_labels_keeps_padding(input_ids, prompt_lengths, attention_mask):
     return input_ids.masked_fill(positions[None, :] < prompt_lengths[:, None], IGNORE)
 
 
-@case("mask_prompt_labels", hint="return a new int64 tensor of input_ids' shape filled with -100 (the value "
-      "cross_entropy ignores by default), and leave input_ids as it was (masked_fill, not masked_fill_)")
+@case("mask_prompt_labels", hint="return a new int64 tensor of input_ids' shape holding -100 (the value "
+      "cross_entropy ignores by default) where masked, and leave input_ids as it was",
+      code_hint="input_ids.masked_fill(drop, -100) (a new tensor), not masked_fill_ (writes into input_ids)")
 def ignore_index_and_input_untouched(impl):
     """The output: int64, ``input_ids``' shape and device, -100 (not 0) where masked; the input is not modified."""
     ids, plen, mask = _batch([([5, 6, 7, 8, EOS], 2), ([5, 6, 7, EOS], 3)], 6)
@@ -141,7 +160,8 @@ def mask_prompt_labels_zero_fill(input_ids, prompt_lengths, attention_mask):
     return input_ids.masked_fill(drop, 0)
 
 
-@mistake("mask_prompt_labels", caught_by=ignore_index_and_input_untouched)
+@mistake("mask_prompt_labels", caught_by=ignore_index_and_input_untouched,
+         shows="changed its argument 'input_ids' in place")
 def mask_prompt_labels_in_place(input_ids, prompt_lengths, attention_mask):
     """Writes into input_ids (masked_fill_): the model's inputs become -100 too."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -187,7 +207,9 @@ def chat_template_batch(impl):
 
 
 @case("mask_prompt_labels", hint="work for any batch: prompt length 0 (nothing masked but padding), prompt = the "
-      "whole row (nothing kept), a bool attention mask, rows of any length")
+      "whole row (nothing kept), a bool attention mask, rows of any length",
+      code_hint="compare the mask (attention_mask == 0) rather than compute with it (1 - attention_mask fails on "
+      "a bool mask)")
 def random_batches_match_reference(impl):
     """Random right-padded batches (1-6 rows, 1-40 positions, int64 or bool masks) against a position-by-position
     Python reference."""
@@ -211,7 +233,8 @@ def random_batches_match_reference(impl):
     prop()
 
 
-@mistake("mask_prompt_labels", caught_by=random_batches_match_reference)
+@mistake("mask_prompt_labels", caught_by=random_batches_match_reference,
+         shows="your code raised RuntimeError: Subtraction, the `-` operator, with a bool tensor is not supported")
 def mask_prompt_labels_mask_as_int(input_ids, prompt_lengths, attention_mask):
     """Treats the mask as numbers (``1 - attention_mask``), which fails on a bool mask."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)

@@ -3,7 +3,8 @@
 The recipe (Dettmers et al., 2023, and the defaults of their code, ``artidoro/qlora``):
 
 1. **Load the base in 4 bits**: ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bf16)`` (:func:`bnb_config`). NF4 because the
+   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bf16)``
+   (:func:`~qlora_edu.common.training_setup.bnb_config`). NF4 because the
    weights are roughly normal (chapter 2; transformers' default is FP4, so it must be asked for), double
    quantization because it takes the constants from 0.5 to 0.127 bits a weight (chapter 3), bf16 compute
    because the 4-bit codes are only storage: every matmul runs on dequantized bf16 weights (float16 on GPUs
@@ -13,14 +14,19 @@ The recipe (Dettmers et al., 2023, and the defaults of their code, ``artidoro/ql
    (embeddings, norms, ``lm_head``) to float32 for stable training, and turns on gradient checkpointing
    with input gradients. Its cost is memory: the embeddings and head in float32 instead of bf16.
 3. **LoRA on all seven linear projections** of every decoder layer (q, k, v, o, gate, up, down):
-   ``LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05)`` in the paper (:func:`lora_config`); the paper found
+   ``LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05)`` in the paper
+   (:func:`~qlora_edu.common.training_setup.lora_config`); the paper found
    that adapting every linear layer, not only q and v, is what matches full fine-tuning.
 4. **Paged AdamW** (bitsandbytes' ``PagedAdamW``, 32-bit states, weight decay 0): its states live in CUDA
    unified memory and move to the host if the GPU runs out (chapter 5). On a CPU there is nothing to page:
    bitsandbytes warns "Paged optimizers are not supported on CPU" and runs it as a plain AdamW.
-5. **The schedule**: learning rate 2e-4, constant after a linear warm-up over the first 3% of the steps
-   ("constant a bit better than cosine, and has advantage for analysis"), gradient clipping at norm 0.3
-   ("tuned and works well for all models tested"), loss on the responses only.
+5. **The schedule**: learning rate 2e-4 (1e-4 for 33B and 65B), constant ("constant a bit better than cosine,
+   and has advantage for analysis"), gradient clipping at norm 0.3 ("tuned and works well for all models
+   tested"), loss on the responses only. The scripts also pass ``--warmup_ratio 0.03``, but with
+   ``--lr_scheduler_type constant`` transformers' ``get_scheduler`` returns ``get_constant_schedule`` and never
+   reads the warm-up: the paper's runs had none. This course keeps a 3% linear warm-up (:func:`learning_rate_at`),
+   a departure from the scripts; :func:`paper_config` has none. The scripts' batch of 16 is 4 a device x 4
+   accumulated, with ``--group_by_length``; this loop takes one batch of ``batch_size`` a step, unsorted.
 
 **A CPU budget changes two numbers.** The paper trains thousands of steps; two CPU cores afford about seventy
 (batch 8) in six minutes. :func:`default_config` keeps the recipe and, on a CPU, raises the learning rate to
@@ -33,7 +39,14 @@ Batch ``k`` is a pure function of the seed and ``k`` (:func:`batch_indices`), so
 resume from a checkpoint (adapter, optimizer states, step, RNG state: :func:`save_checkpoint`) to exactly the
 numbers of an uninterrupted run. Adapters are saved in PEFT's format, atomically (:func:`atomic_directory`:
 written into a temporary sibling folder, then renamed over the old one), so a crash mid-save keeps the previous
-adapter.
+adapter. The step does no host work: the batches are tokenized once (:func:`_token_batches`), and the losses and
+gradient norms are read back from the device once every few steps, which is also where a diverged run
+(:class:`TrainingDiverged`) is stopped before anything of it is saved.
+
+**The run** (:func:`run_finetune`) guards its folder before loading anything: it refuses files it did not write and
+a previous run's results (unless ``resume`` or ``overwrite``), takes a lock (:func:`output_lock`), cleans the
+leftovers of killed saves and checks that it can write; a checkpoint stores the run's settings, and resuming under
+other ones names each that differs (:func:`check_resumable`).
 
 **Evaluation** (:func:`evaluate`) generates greedily for the held-out orders and scores them exactly
 (:func:`qlora_edu.ch08_finetune.instruct_data.score_answers`). One bitsandbytes quirk matters here: on a CPU with
@@ -51,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -61,31 +75,31 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from qlora_edu.ch06_lora.lora import LLAMA_TARGETS
+from qlora_edu.ch08_finetune.config import OPTIMIZERS, FinetuneConfig
 from qlora_edu.ch08_finetune.guards import (
     check_atomic_directory_args,
     check_batch_indices_args,
-    check_bnb_config_args,
     check_build_optimizer_args,
     check_calibration_step_seconds_args,
     check_default_config_args,
     check_evaluate_args,
-    check_finetune_config,
     check_generate_replies_args,
+    check_heldout_loss_args,
     check_inference_mode_args,
     check_learning_rate_at_args,
     check_load_checkpoint_args,
     check_load_finetuned_args,
     check_load_qlora_model_args,
-    check_lora_config_args,
     check_memory_summary_args,
     check_paper_config_args,
+    check_path,
     check_prepare_qlora_args,
     check_run_finetune_args,
     check_save_adapter_args,
@@ -93,6 +107,7 @@ from qlora_edu.ch08_finetune.guards import (
     check_train_args,
 )
 from qlora_edu.ch08_finetune.instruct_data import (
+    IGNORE_INDEX,
     Example,
     build_messages,
     collate_examples,
@@ -103,30 +118,38 @@ from qlora_edu.ch08_finetune.instruct_data import (
 )
 from qlora_edu.common import settings
 from qlora_edu.common.progress import progress_bar
+from qlora_edu.common.training_setup import bnb_config, load_for_training, make_optimizer, setup_training
 
 __all__ = [
     "CPU_BUDGET_STEPS",
-    "REFERENCE_STEP_SECONDS",
+    "CheckpointError",
     "EvalResult",
-    "FinetuneConfig",
+    "FinetuneError",
+    "REFERENCE_STEP_SECONDS",
     "TrainResult",
+    "TrainingDiverged",
     "atomic_directory",
     "batch_indices",
-    "bnb_config",
     "build_optimizer",
     "calibration_step_seconds",
+    "check_output_dir",
+    "check_resumable",
+    "check_writable",
+    "clean_leftovers",
     "default_config",
     "evaluate",
     "generate_replies",
+    "heldout_loss",
     "inference_mode",
     "learning_rate_at",
     "load_checkpoint",
     "load_finetuned",
     "load_qlora_model",
-    "lora_config",
     "memory_summary",
+    "output_lock",
     "paper_config",
     "prepare_qlora",
+    "read_trainer_state",
     "run_finetune",
     "save_adapter",
     "save_checkpoint",
@@ -142,61 +165,25 @@ GPU_BUDGET_STEPS = 500
 SMOKE_STEPS = 3
 CHECKPOINT = "checkpoint"
 ADAPTER = "adapter"
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Every choice of a fine-tune, with the QLoRA paper's values as defaults (``artidoro/qlora``).
-
-    Attributes:
-        steps: optimizer steps (the paper's code: ``max_steps``; 1875 for Guanaco on OASST1).
-        batch_size: examples a step (the paper: 1 a device x 16 accumulated = 16).
-        learning_rate: peak learning rate (2e-4).
-        warmup_ratio: fraction of the steps with a linear warm-up from 0 (0.03); then constant.
-        max_grad_norm: clip the gradients' global norm to this (0.3).
-        lora_r, lora_alpha, lora_dropout: the adapters (64, 16, 0.05; the paper used 0.1 up to 13B).
-        target_modules: projections that get adapters (all seven linear layers of a Llama block).
-        optimizer: ``"paged_adamw_32bit"`` (the paper's), ``"paged_adamw_8bit"`` or ``"adamw"`` (torch's).
-        weight_decay: AdamW's decoupled weight decay (0.0: the paper regularizes with dropout only).
-        gradient_checkpointing: recompute each layer in the backward instead of keeping its activations.
-        seed: seeds the adapters' initialization, the batch order and dropout.
-        save_every: write a checkpoint every this many steps (0: only at the end).
-        eval_size: held-out examples to score (None: all of them).
-        max_new_tokens: generation budget of an answer (the held-out answers take 32-40 tokens with the end token).
-    """
-
-    steps: int
-    batch_size: int = 16
-    learning_rate: float = 2e-4
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 0.3
-    lora_r: int = 64
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    target_modules: tuple[str, ...] = field(default=LLAMA_TARGETS)
-    optimizer: str = "paged_adamw_32bit"
-    weight_decay: float = 0.0
-    gradient_checkpointing: bool = True
-    seed: int = 0
-    save_every: int = 0
-    eval_size: int | None = None
-    max_new_tokens: int = 48
-
-    def __post_init__(self):
-        check_finetune_config(self, OPTIMIZERS)
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict (``target_modules`` as a list)."""
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
+COURSE_SCHEDULE = {"warmup_ratio": 0.03, "lora_dropout": 0.05}
+"""Where the course departs from the paper's 7B script: a 3% linear warm-up (the script's constant schedule runs
+none) and LoRA dropout 0.05 (the 33B/65B value; the 7B/13B scripts use 0.1)."""
 
 
 def paper_config(steps: int = 1875, **overrides) -> FinetuneConfig:
-    """The QLoRA paper's recipe (``artidoro/qlora`` defaults) for ``steps`` steps; keywords override fields."""
+    """The QLoRA paper's recipe for a 7B or 13B model (``artidoro/qlora``, ``scripts/finetune_guanaco_7b.sh`` and
+    ``_13b.sh``) for ``steps`` steps; keywords override fields.
+
+    What the scripts pass, field by field: lr 2e-4 (1e-4 in ``_33b.sh``/``_65b.sh``), ``lora_dropout`` 0.1 (0.05
+    for 33B and 65B), r 64, alpha 16, ``max_grad_norm`` 0.3, weight decay 0, ``paged_adamw_32bit``, checkpointing,
+    batch 16 (``per_device_train_batch_size 4`` x ``gradient_accumulation_steps 4``), 1,875 steps, and
+    ``warmup_ratio`` 0: the scripts say 0.03, but with ``lr_scheduler_type constant`` transformers' scheduler
+    ignores it. Not expressible here: gradient accumulation (this loop takes the 16 in one batch) and
+    ``group_by_length``. :func:`default_config` starts from these values and keeps the course's own warm-up and
+    dropout (0.03, 0.05).
+    """
     check_paper_config_args(steps)
-    return replace(FinetuneConfig(steps=steps), **overrides)
+    return replace(FinetuneConfig(steps=steps), **{"lora_dropout": 0.1, "warmup_ratio": 0.0, **overrides})
 
 
 def default_config(device: str | torch.device = "cpu", smoke: bool | None = None, **overrides) -> FinetuneConfig:
@@ -212,17 +199,19 @@ def default_config(device: str | torch.device = "cpu", smoke: bool | None = None
     device, smoke = check_default_config_args(device, smoke)
     smoke = settings.smoke_mode() if smoke is None else smoke
     if device.type == "cuda":
-        config = paper_config(GPU_BUDGET_STEPS, batch_size=16)
+        config = paper_config(GPU_BUDGET_STEPS, batch_size=16, **COURSE_SCHEDULE)
     else:
-        config = paper_config(CPU_BUDGET_STEPS, batch_size=8, learning_rate=1e-3, lora_r=16, lora_alpha=16.0)
+        config = paper_config(CPU_BUDGET_STEPS, batch_size=8, learning_rate=1e-3, lora_r=16, lora_alpha=16.0,
+                              **COURSE_SCHEDULE)
     if smoke:
         config = replace(config, steps=SMOKE_STEPS, batch_size=2, eval_size=8)
     return replace(config, **overrides)
 
 
 def learning_rate_at(step: int, config: FinetuneConfig) -> float:
-    """The learning rate of step ``step`` (0-based), as transformers' constant schedule with warm-up computes it
-    for the paper's ``Trainer``: ``lr * step / warmup`` for the first ``warmup = ceil(warmup_ratio * steps)``
+    """The learning rate of step ``step`` (0-based), as transformers' ``constant_with_warmup`` schedule computes it
+    (the paper's scripts ask for ``constant``, which ignores the warm-up: ``warmup_ratio=0`` reproduces that):
+    ``lr * step / warmup`` for the first ``warmup = ceil(warmup_ratio * steps)``
     steps (so the very first step has learning rate 0), then ``lr``."""
     check_learning_rate_at_args(step, config)
     warmup = math.ceil(config.warmup_ratio * config.steps)
@@ -253,24 +242,6 @@ def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> lis
 # The model: 4-bit base, prepared, with adapters
 
 
-def bnb_config(compute_dtype: torch.dtype = torch.bfloat16):
-    """The QLoRA paper's ``BitsAndBytesConfig``: NF4, double quantization, ``compute_dtype`` matmuls."""
-    check_bnb_config_args(compute_dtype)
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
-
-
-def lora_config(config: FinetuneConfig):
-    """peft's ``LoraConfig`` for ``config``: adapters on ``config.target_modules``, no bias, causal LM."""
-    check_lora_config_args(config)
-    from peft import LoraConfig
-
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
-
-
 def prepare_qlora(model: nn.Module, config: FinetuneConfig, *, method: str = "peft",
                   compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Turn a loaded base model into a trainable QLoRA model, the adapters initialized from ``config.seed``.
@@ -288,28 +259,10 @@ def prepare_qlora(model: nn.Module, config: FinetuneConfig, *, method: str = "pe
         the model to train (a ``PeftModel`` for ``"peft"``); only the adapters require grad.
     """
     check_prepare_qlora_args(model, config, method, compute_dtype, OPTIMIZERS)
-    # The adapters' random init (lora_A) draws from torch's global generator: fork it so the same seed gives the
-    # same adapters and the caller's random state is left as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        if method == "peft":
-            from peft import get_peft_model, prepare_model_for_kbit_training
-
-            # reentrant checkpointing, peft's default, asked for explicitly (torch warns when it is left implicit)
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing,
-                                                    gradient_checkpointing_kwargs={"use_reentrant": True})
-            return get_peft_model(model, lora_config(config))
-        from qlora_edu.ch07_qlora.qlora import apply_qlora
-
-        model = apply_qlora(model, config.target_modules, config.lora_r, config.lora_alpha, config.lora_dropout,
-                            compute_dtype=compute_dtype)
-        for p in model.parameters():  # what prepare_model_for_kbit_training does to the weights left unquantized
-            if not p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        return model
+    return setup_training(model, "qlora" if method == "peft" else "qlora_scratch", r=config.lora_r,
+                          alpha=config.lora_alpha, dropout=config.lora_dropout, targets=config.target_modules,
+                          gradient_checkpointing=config.gradient_checkpointing, reentrant=True,
+                          compute_dtype=compute_dtype, seed=config.seed)
 
 
 def load_qlora_model(name_or_path: str | Path | None = None, *, config: FinetuneConfig, compute=None,
@@ -331,15 +284,15 @@ def load_qlora_model(name_or_path: str | Path | None = None, *, config: Finetune
         ``(model, tokenizer)``.
     """
     check_load_qlora_model_args(config, compute, method, progress, OPTIMIZERS)
-    from qlora_edu.common.base_model import load_base_model
     from qlora_edu.common.device import pick_compute
 
     compute = pick_compute() if compute is None else compute
     device = compute.device if compute.device.type == "cuda" else None
-    quantization = bnb_config(compute.dtype) if method == "peft" else None
-    model, tokenizer = load_base_model(name_or_path, dtype=compute.dtype, device=device,
-                                       quantization_config=quantization, progress=progress)
-    return prepare_qlora(model, config, method=method, compute_dtype=compute.dtype), tokenizer
+    return load_for_training("qlora" if method == "peft" else "qlora_scratch", name_or_path, device=device,
+                             dtype=compute.dtype, compute_dtype=compute.dtype, progress=progress,
+                             r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                             targets=config.target_modules, gradient_checkpointing=config.gradient_checkpointing,
+                             reentrant=True, seed=config.seed)
 
 
 def load_finetuned(adapter: str | Path, name_or_path: str | Path | None = None, *, compute=None,
@@ -373,31 +326,66 @@ def load_finetuned(adapter: str | Path, name_or_path: str | Path | None = None, 
 def build_optimizer(params: Sequence[nn.Parameter], config: FinetuneConfig) -> torch.optim.Optimizer:
     """The optimizer of ``config.optimizer`` over ``params`` (betas 0.9 / 0.999, eps 1e-8 as in the paper's code).
 
-    ``"paged_adamw_32bit"`` is bitsandbytes' ``PagedAdamW`` (on a CPU it warns and runs unpaged),
-    ``"paged_adamw_8bit"`` its ``PagedAdamW8bit``, ``"adamw"`` torch's ``AdamW``. The learning rate is set
-    every step by :func:`train` (:func:`learning_rate_at`).
+    ``"paged_adamw"`` is bitsandbytes' ``PagedAdamW32bit`` (on a CPU there is nothing to page: it runs unpaged),
+    ``"paged_adamw8bit"`` its ``PagedAdamW8bit``, ``"adamw"`` torch's ``AdamW``
+    (:func:`qlora_edu.common.training_setup.make_optimizer`). The learning rate is set every step by :func:`train`
+    (:func:`learning_rate_at`).
     """
     params = check_build_optimizer_args(params, config, OPTIMIZERS)
-    kwargs = dict(lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    import bitsandbytes as bnb
-
-    cls = bnb.optim.PagedAdamW if config.optimizer == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
-    return cls(params, **kwargs)
+    return make_optimizer(params, config.optimizer, config.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                          weight_decay=config.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------
 # Saving atomically, checkpoints, resuming
 
 
+def _saved_step(folder: Path) -> int:
+    """The ``step`` of a checkpoint folder's ``trainer_state.json``; -1 when it has none or it cannot be read."""
+    try:
+        return int(json.loads((folder / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 def _recover(target: Path) -> None:
-    """Undo a save that stopped between its two renames: the old folder is back under ``target``."""
+    """Undo a save that stopped between its two renames: the old folder is back under ``target``.
+
+    A ``.NAME.old-*`` folder is always whole (it is made by one rename, and is renamed to ``.NAME.trash-*`` before
+    it is deleted). Should there be several, the one of the highest step wins (``trainer_state.json``; ties: the
+    newest, then the name), so recovery never depends on the random part of a name.
+    """
     if target.exists():
         return
-    leftovers = sorted(target.parent.glob(f".{target.name}.old-*"))
+    leftovers = [p for p in target.parent.glob(f".{target.name}.old-*") if p.is_dir()]
     if leftovers:
-        os.replace(leftovers[-1], target)
+        best = max(leftovers, key=lambda p: (_saved_step(p), p.stat().st_mtime_ns, p.name))
+        os.replace(best, target)
+
+
+def _discard(folder: Path) -> None:
+    """Delete ``folder``: first renamed to ``.NAME.trash-*`` (one atomic step), so a kill mid-deletion leaves a
+    folder that nothing ever mistakes for a whole one, then removed."""
+    trash = folder.parent / f".{folder.name.lstrip('.').split('.', 1)[0]}.trash-{uuid.uuid4().hex[:8]}"
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _out_of_space(err: BaseException, folder: Path) -> bool:
+    """Whether ``err`` (or an error it came from) is a full disk: ``ENOSPC``, or a writer's own message (torch's
+    ``unexpected pos ...``) on a file system with less than 1 MiB left."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if not isinstance(err, (OSError, RuntimeError)):  # a writer's failure, not a bug in what is written
+        return False
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -407,19 +395,27 @@ def atomic_directory(target: str | Path):
 
     ``tmp`` is a sibling of ``path`` (same file system, so a rename is atomic). Replacing a non-empty folder
     takes two renames (old away, new in); a crash between them leaves the old folder as ``.NAME.old-*``, which
-    the next save or :func:`load_checkpoint` moves back.
+    the next save or :func:`load_checkpoint` moves back (:func:`_recover`). A full disk is named as such
+    (``OSError(ENOSPC)``, "no space left"), whatever the writer's own message was.
     """
     target = check_atomic_directory_args(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as err:
+            if _out_of_space(err, target.parent):
+                raise OSError(errno.ENOSPC, f"no space left on the device of {target.parent} while writing "
+                                            f"{target.name} ({type(err).__name__}: {err}); {target} is kept as it "
+                                            "was: free some space and run again") from err
+            raise
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
@@ -474,11 +470,8 @@ def _write_adapter(model: nn.Module, folder: Path) -> None:
     save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def _read_adapter(model: nn.Module, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    device = next(p.device for p in model.parameters() if p.requires_grad)
-    saved = load_file(str(folder / "adapter_model.safetensors"), device=str(device))
+def _set_adapter(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy the tensors of an ``adapter_model.safetensors`` (PEFT's names) into ``model``'s adapters."""
     if _is_peft(model):
         from peft import set_peft_model_state_dict
 
@@ -518,30 +511,70 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    history: dict) -> Path:
+                    history: dict, *, config: FinetuneConfig | None = None) -> Path:
     """Everything a run needs to continue exactly, in one folder, written atomically.
 
     Files: the adapter (:func:`save_adapter`'s format), ``optimizer.pt`` (the optimizer's ``state_dict``: both
     Adam moments of every adapter tensor, and its step counts), ``rng_state.pt`` (torch's generator, which
-    drives dropout), ``trainer_state.json`` (``step``: steps done, and ``history``: the per-step records).
+    drives dropout), ``trainer_state.json`` (``step``: steps done, ``config``: the run's settings, and
+    ``history``: the per-step records).
 
     Args:
         path: the checkpoint folder (replaced as a whole).
         model, optimizer: the training state.
         step: number of steps done.
         history: JSON-able per-step records (losses, ...) to restore with the state.
+        config: the run's :class:`FinetuneConfig`, stored so a resume can say which settings differ.
 
     Returns:
         ``path``.
     """
-    path = check_save_checkpoint_args(path, model, optimizer, step, history)
+    path = check_save_checkpoint_args(path, model, optimizer, step, history, config)
     device = next(p.device for p in model.parameters() if p.requires_grad)
+    state = {"step": step, "config": None if config is None else config.to_dict(), "history": history}
     with atomic_directory(path) as tmp:
         _write_adapter(model, tmp)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(_rng_state(device), tmp / "rng_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}, indent=1) + "\n")
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1, allow_nan=False) + "\n")
     return path
+
+
+class FinetuneError(RuntimeError):
+    """A fine-tune refused to start or stopped, for a reason its message names with what to do about it (the
+    command line prints it as one line and exits with status 1)."""
+
+
+class CheckpointError(FinetuneError):
+    """A checkpoint that cannot be resumed: a file truncated or corrupt, or settings that differ from the run's."""
+
+
+class TrainingDiverged(FinetuneError):
+    """The loss or the gradients' norm stopped being finite; nothing of the diverged steps was saved."""
+
+
+def _read_checkpoint_file(file: Path, read: Callable[[Path], object]):
+    """``read(file)``, any failure named by the file: a missing, truncated or corrupt part of a checkpoint."""
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file {file} is missing: the checkpoint is incomplete; remove "
+                              f"{file.parent} to start fresh (or restore it from a copy)")
+    try:
+        return read(file)
+    except Exception as err:  # safetensors, pickle, zip and JSON errors alike: the file is what matters
+        raise CheckpointError(f"checkpoint file {file} is truncated or corrupt ({type(err).__name__}: {err}); "
+                              f"remove {file.parent} to start fresh (or restore it from a copy)") from err
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    """The ``trainer_state.json`` of a checkpoint folder (``step``, ``config``, ``history``), recovering an
+    interrupted save first (:func:`atomic_directory`); a missing or corrupt file raises :class:`CheckpointError`
+    naming it."""
+    path = check_path("path", path)
+    _recover(path)
+    state = _read_checkpoint_file(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "history" not in state:
+        raise CheckpointError(f"checkpoint file {path / 'trainer_state.json'} is corrupt: it lacks step / history")
+    return state
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
@@ -549,18 +582,60 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 
     Returns:
         ``(step, history)``: the steps done and the records saved with them.
+
+    Raises:
+        CheckpointError: a file of the checkpoint is missing, truncated or corrupt (the message names it).
     """
     path = check_load_checkpoint_args(path, model, optimizer)
-    _recover(path)
-    state = json.loads((path / "trainer_state.json").read_text())
+    state = read_trainer_state(path)
     device = next(p.device for p in model.parameters() if p.requires_grad)
-    _read_adapter(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
-    rng = torch.load(path / "rng_state.pt", weights_only=False)
+    from safetensors.torch import load_file
+
+    _set_adapter(model, _read_checkpoint_file(path / "adapter_model.safetensors",
+                                              lambda f: load_file(str(f), device=str(device))))
+    optimizer.load_state_dict(_read_checkpoint_file(
+        path / "optimizer.pt", lambda f: torch.load(f, map_location=device, weights_only=False)))
+    rng = _read_checkpoint_file(path / "rng_state.pt", lambda f: torch.load(f, weights_only=False))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
     return int(state["step"]), state["history"]
+
+
+#: Settings a resumed run may change: they do not enter the steps already taken (``steps`` only upwards).
+RESUMABLE_CHANGES = ("steps", "save_every", "eval_size", "max_new_tokens")
+
+#: The command line's flag of each setting, for messages that name what the user typed.
+FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "learning_rate": "--lr", "lora_r": "--lora-r",
+         "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout", "optimizer": "--optimizer",
+         "eval_size": "--eval-size", "save_every": "--save-every", "seed": "--seed"}
+
+
+def _named(field_name: str) -> str:
+    flag = FLAGS.get(field_name)
+    return f"{field_name} ({flag})" if flag else field_name
+
+
+def check_resumable(state: dict, config: FinetuneConfig, path: Path) -> None:
+    """Refuse to continue a checkpoint under settings other than its own, naming each one that differs.
+
+    Only :data:`RESUMABLE_CHANGES` may differ, and ``steps`` no fewer than the steps done: anything else would mix
+    two runs (and the summary would claim the new values for all of it), or not fit the saved tensors.
+    """
+    saved = state.get("config")
+    if saved is None:
+        raise CheckpointError(f"checkpoint {path} was written without its settings (an older version), so it "
+                              "cannot be checked against this run; start fresh (--overwrite) instead")
+    now = json.loads(json.dumps(config.to_dict()))
+    differ = [f"{_named(k)}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
+              if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if differ:
+        raise CheckpointError(f"checkpoint {path} was trained with other settings; resuming would mix two runs. "
+                              f"Differing: {'; '.join(differ)}. Resume with the checkpoint's settings, or start "
+                              "fresh (--overwrite or another --output-dir)")
+    if config.steps < state["step"]:
+        raise CheckpointError(f"checkpoint {path} holds {state['step']} steps done, more than steps (--steps) = "
+                              f"{config.steps}; pass --steps {state['step']} or more to continue it")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,6 +659,7 @@ class TrainResult:
         peak_memory_bytes: ``torch.cuda.max_memory_allocated`` during training on a GPU; None on a CPU.
         checkpoint: the last checkpoint folder, or None.
         optimizer: the optimizer (its states, for memory accounting or further steps).
+        profile: with ``profile_steps``, torch.profiler's table of the top operators of those steps.
     """
 
     losses: list[float]
@@ -598,6 +674,7 @@ class TrainResult:
     peak_memory_bytes: int | None
     checkpoint: Path | None
     optimizer: torch.optim.Optimizer | None = field(default=None, repr=False)
+    profile: str | None = field(default=None, repr=False)
 
     @property
     def tokens_per_second(self) -> float:
@@ -616,16 +693,63 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(p.device for p in model.parameters() if p.requires_grad)
 
 
+def _token_batches(tokenizer, examples: Sequence[Example], config: FinetuneConfig, start: int,
+                   device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[int], list[int]]:
+    """Every batch of steps ``start .. config.steps - 1``, tokenized once, as index tensors on ``device``.
+
+    The examples those steps use (:func:`batch_indices`) are collated once
+    (:func:`~qlora_edu.ch08_finetune.instruct_data.collate_examples`: ``(N, T_max)`` ids, mask, labels) and moved
+    to the device; batch ``k`` is then ``table[rows[k], :widths[k]]``, the rows of its examples cut to its longest
+    one: the very tensors ``collate_examples`` gives for the batch alone (right padding and the labels' mask are
+    per row), with no tokenizing, collating or host-to-device copy inside the training step.
+
+    Returns:
+        ``(table, rows, widths, tokens)``: ``rows`` ``(steps - start, batch_size)`` int64 on ``device``;
+        ``widths`` / ``tokens`` the padded length and real tokens of each batch (host ints, no sync needed).
+    """
+    per_step = [batch_indices(len(examples), config.batch_size, s, config.seed) for s in range(start, config.steps)]
+    used = sorted({i for batch in per_step for i in batch})
+    if not used:
+        return {}, torch.zeros(0, config.batch_size, dtype=torch.long), [], []
+    collated = collate_examples(tokenizer, [examples[i] for i in used])
+    row_of = {example: row for row, example in enumerate(used)}
+    lengths = collated["attention_mask"].sum(dim=1).tolist()
+    rows = [[row_of[i] for i in batch] for batch in per_step]
+    table = {k: collated[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+    return (table, torch.tensor(rows, dtype=torch.long).to(device), [max(lengths[r] for r in batch) for batch in rows],
+            [sum(lengths[r] for r in batch) for batch in rows])
+
+
+def _profiler(device: torch.device):
+    """torch.profiler over the CPU (and CUDA) operators, shapes grouped."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities, record_shapes=False)
+
+
+def _profile_table(prof, device: torch.device, rows: int = 20) -> str:
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
 def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: FinetuneConfig, *,
           output_dir: str | Path | None = None, resume: bool = False,
           on_step: Callable[[int, float], None] | None = None, progress: bool = True,
-          optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+          optimizer: torch.optim.Optimizer | None = None, sync_every: int = 10,
+          profile_steps: int = 0) -> TrainResult:
     """Train the adapters of ``model`` for ``config.steps`` steps (or the rest of them, when resuming).
 
-    One step: the batch of :func:`batch_indices`, collated with the loss on the responses only
-    (:func:`~qlora_edu.ch08_finetune.instruct_data.collate_examples`); forward with labels; backward; clip the
-    gradients'
-    global norm to ``config.max_grad_norm``; an optimizer step at :func:`learning_rate_at`; gradients freed.
+    One step: the batch of :func:`batch_indices` (tokenized once for the whole run: :func:`_token_batches`), with
+    the loss on the responses only; forward with labels; backward; clip the gradients' global norm to
+    ``config.max_grad_norm`` (torch's ``clip_grad_norm_``: one foreach kernel a device and dtype on a GPU); an
+    optimizer step at :func:`learning_rate_at`; gradients freed.
+
+    The step never waits for the device: the loss and the gradients' norm stay on it, and are read back together,
+    in one transfer, every ``sync_every`` steps, before a checkpoint and at the end (every step when ``on_step``
+    wants them). That is also where divergence is caught: a non-finite loss or norm raises
+    :class:`TrainingDiverged`, and since a checkpoint is only written after its steps were read back finite, the
+    last checkpoint on disk is a good one. On a GPU ``step_seconds`` are the mean of each read-back interval.
 
     Args:
         model: a model from :func:`load_qlora_model` / :func:`prepare_qlora` (anything whose trainable parameters
@@ -635,17 +759,25 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Fine
         config: the fine-tune's settings.
         output_dir: where checkpoints go (``output_dir/checkpoint``, every ``config.save_every`` steps and at the
             end); None saves nothing.
-        resume: continue from ``output_dir/checkpoint`` if it exists.
+        resume: continue from ``output_dir/checkpoint`` if it exists (its stored settings must be ``config``'s,
+            :func:`check_resumable`); a finished checkpoint trains no further step.
         on_step: called as ``on_step(step, loss)`` after each step (and after its checkpoint, if any); an
             exception from it stops training, as an interruption would.
         progress: show a progress bar.
         optimizer: an optimizer over the adapters (default: :func:`build_optimizer`).
+        sync_every: steps between two read-backs of the losses and norms (the log interval).
+        profile_steps: profile this many steps (after the first, which warms up) with torch.profiler; the table of
+            the top operators is in ``result.profile``.
 
     Returns:
         a :class:`TrainResult`.
+
+    Raises:
+        TrainingDiverged: the loss or the gradients' norm of a step is NaN or infinite.
+        CheckpointError: resuming from a checkpoint with other settings, or a corrupt one.
     """
     output_dir = check_train_args(model, tokenizer, examples, config, output_dir, resume, on_step, progress,
-                                  OPTIMIZERS)
+                                  OPTIMIZERS, sync_every, profile_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, config) if optimizer is None else optimizer
     device = _device_of(model)
@@ -658,46 +790,82 @@ def train(model: nn.Module, tokenizer, examples: Sequence[Example], config: Fine
         torch.manual_seed(config.seed)
         start = 0
         if resume and checkpoint is not None and (checkpoint.exists() or any(output_dir.glob(".checkpoint.old-*"))):
+            check_resumable(read_trainer_state(checkpoint), config, checkpoint)
             start, history = load_checkpoint(checkpoint, model, optimizer)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
+        table, rows, widths, tokens = _token_batches(tokenizer, examples, config, start, device)
         model.train()
         step_seconds: list[float] = []
+        pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # steps not read back yet
+        saved = [start] if start else []  # the step of the last checkpoint on disk, once there is one
+        profiled = None
+        prof = _profiler(device) if profile_steps else None
+
+        def read_back() -> None:
+            """One transfer for the pending steps' losses and norms; stop at the first that is not finite."""
+            values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, _, loss, norm in pending]).tolist()
+            if cuda:  # the interval's wall time, shared by its steps (the device ran them asynchronously)
+                mean = (time.perf_counter() - interval_began) / len(pending)
+                step_seconds[len(step_seconds) - len(pending):] = [mean] * len(pending)
+            for (step, lr, _, _), (loss, norm) in zip(pending, values, strict=True):
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    kept = (f"the last checkpoint ({checkpoint}, step {saved[0]}) is kept" if saved
+                            else "no checkpoint of this run was saved")
+                    raise TrainingDiverged(f"training diverged at step {step + 1}: loss {loss}, gradient norm "
+                                           f"{norm} (learning rate {lr:g}); {kept}. Lower the learning rate "
+                                           "(--lr), or check the model's weights for NaN")
+                history["losses"].append(loss)
+                history["grad_norms"].append(norm)
+                history["learning_rates"].append(lr)
+                history["tokens"].append(tokens[step - start])
+                history["widths"].append(widths[step - start])
+            pending.clear()
+
+        if cuda:  # the peak of the training steps alone (loading and evaluation before them not included)
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         bar = progress_bar(desc="QLoRA fine-tune", total=config.steps - start, unit="steps", enabled=progress)
+        interval_began = time.perf_counter()
         with bar:
             for step in range(start, config.steps):
                 began = time.perf_counter()
-                batch = collate_examples(tokenizer, [examples[i] for i in batch_indices(
-                    len(examples), config.batch_size, step, config.seed)])
+                if prof is not None and step == start + min(1, config.steps - start - 1):
+                    prof.start()
                 lr = learning_rate_at(step, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                            labels=batch["labels"].to(device), use_cache=False)
+                index, width = rows[step - start], widths[step - start]
+                out = model(input_ids=table["input_ids"][index, :width],
+                            attention_mask=table["attention_mask"][index, :width],
+                            labels=table["labels"][index, :width], use_cache=False)
                 out.loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if cuda:
-                    torch.cuda.synchronize(device)
                 step_seconds.append(time.perf_counter() - began)
-                loss = out.loss.detach().item()
-                history["losses"].append(loss)
-                history["grad_norms"].append(float(norm))
-                history["learning_rates"].append(lr)
-                history["tokens"].append(int(batch["attention_mask"].sum()))
-                history["widths"].append(int(batch["input_ids"].shape[1]))
+                pending.append((step, lr, out.loss.detach(), norm.detach()))
+                if prof is not None and profiled is None and (step + 1 == config.steps or
+                                                               len(step_seconds) > profile_steps):
+                    if cuda:
+                        torch.cuda.synchronize(device)
+                    prof.stop()
+                    profiled = _profile_table(prof, device)
                 bar.update()
-                if checkpoint is not None and (step + 1 == config.steps or
-                                               (config.save_every and (step + 1) % config.save_every == 0)):
-                    save_checkpoint(checkpoint, model, optimizer, step + 1, history)
-                if on_step is not None:
-                    on_step(step, loss)
+                save = checkpoint is not None and (step + 1 == config.steps or
+                                                   (config.save_every and (step + 1) % config.save_every == 0))
+                if save or on_step is not None or step + 1 == config.steps or len(pending) >= sync_every:
+                    read_back()
+                    if save:
+                        save_checkpoint(checkpoint, model, optimizer, step + 1, history, config=config)
+                        saved[:] = [step + 1]
+                    if on_step is not None:
+                        on_step(step, history["losses"][-1])
+                    interval_began = time.perf_counter()
         peak = torch.cuda.max_memory_allocated(device) if cuda else None
     return TrainResult(losses=history["losses"], grad_norms=history["grad_norms"],
                        learning_rates=history["learning_rates"], step_seconds=step_seconds, tokens=history["tokens"],
                        widths=history["widths"], steps_done=config.steps, resumed_from=start,
-                       seconds=sum(step_seconds), peak_memory_bytes=peak, checkpoint=checkpoint, optimizer=optimizer)
+                       seconds=sum(step_seconds), peak_memory_bytes=peak, checkpoint=checkpoint, optimizer=optimizer,
+                       profile=profiled)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -787,6 +955,30 @@ def evaluate(model: nn.Module, tokenizer, examples: Sequence[Example], *, batch_
     return EvalResult(sum(correct) / len(correct), correct, replies, time.perf_counter() - began)
 
 
+def heldout_loss(model: nn.Module, tokenizer, examples: Sequence[Example], *, batch_size: int = 16) -> float:
+    """Mean cross-entropy (nats a token) of the reference responses, teacher-forced: the held-out loss.
+
+    The tokens the training loss sees (:func:`~qlora_edu.ch08_finetune.instruct_data.collate_examples`: the JSON
+    answer and the end token, the prompt and the padding masked), on held-out examples; a smoother number than the
+    exact-match score, which is 0 or 1 an example. Logits ``(B, T, V)`` are taken in float32 and the summed
+    cross-entropy of every scored position is divided by their count, so batches weigh by their scored tokens:
+    ``sum_b sum_t -log p(y_t | y_<t) / n_scored``. Run in :func:`inference_mode` (no dropout), without gradients.
+    """
+    check_heldout_loss_args(model, tokenizer, examples, batch_size)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with inference_mode(model), torch.no_grad():
+        for first in range(0, len(examples), batch_size):
+            batch = collate_examples(tokenizer, list(examples[first:first + batch_size]))
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                           use_cache=False).logits
+            labels = batch["labels"][:, 1:].to(device)  # position t predicts token t + 1
+            total += float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
+                                           ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((labels != IGNORE_INDEX).sum())
+    return total / count
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory
 
@@ -811,14 +1003,12 @@ def memory_summary(model: nn.Module, optimizer: torch.optim.Optimizer | None, co
     out = {"static": static_bytes(model, optimizer), "predicted_total": None, "predicted_parts": {},
            "predicted_peak_phase": None, "prediction_error": None, "measured_peak": peak_bytes,
            "process_max_rss": rss}
-    optimizer_name = {"paged_adamw_32bit": "paged_adamw", "paged_adamw_8bit": "paged_adamw8bit",
-                      "adamw": "adamw"}[config.optimizer]
     try:  # the prediction is a convenience: a model shape chapter 4 does not cover must not lose the run's numbers
         from qlora_edu.ch04_memory.memory import training_memory
 
         predicted = training_memory(model.config, "qlora", batch_size=config.batch_size, seq_len=seq_len,
                                     lora_r=config.lora_r, lora_targets=config.target_modules,
-                                    gradient_checkpointing=config.gradient_checkpointing, optimizer=optimizer_name,
+                                    gradient_checkpointing=config.gradient_checkpointing, optimizer=config.optimizer,
                                     lora_dropout=config.lora_dropout, device=device.type)
     except Exception as err:  # any failure of the prediction becomes a message, not a crash
         out["prediction_error"] = (f"chapter 4's training_memory could not predict this set-up "
@@ -831,7 +1021,7 @@ def memory_summary(model: nn.Module, optimizer: torch.optim.Optimizer | None, co
 
 #: Seconds of one QLoRA training step of the course model at batch 8 x 19 tokens (NF4 + double quantization, bf16
 #: compute, r = 16 on all seven projections, gradient checkpointing, AdamW) on an unloaded two-core machine of the
-#: kind the course is built on: ``/work/shared/reference/environment-facts.md``, "Training speed on two CPU cores".
+#: kind the course is built on: ``qlora_edu/reference/environment-facts.md``, "Training speed on two CPU cores".
 REFERENCE_STEP_SECONDS = 1.1
 
 
@@ -857,6 +1047,7 @@ def calibration_step_seconds(model: nn.Module, *, steps: int = 3, batch_size: in
     tokens = torch.randint(vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed)).to(device)
     model.train()
     times = []
+    # kept beside train: a stopwatch of the documented reference step on random tokens, not a fine-tune
     for _ in range(steps):
         began = time.perf_counter()
         loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
@@ -874,64 +1065,273 @@ def calibration_step_seconds(model: nn.Module, *, steps: int = 3, batch_size: in
 # The whole run, and the command line
 
 
+#: What the fine-tune writes in its output folder (a folder holding anything else is not its own).
+_OWN_FILES = {ADAPTER: {"adapter_config.json", "adapter_model.safetensors", "README.md"},
+              CHECKPOINT: {"adapter_config.json", "adapter_model.safetensors", "README.md", "optimizer.pt",
+                           "rng_state.pt", "trainer_state.json"}}
+LOCK = ".lock"
+_LEFTOVER_KINDS = ("tmp", "old", "trash")
+
+
+def _leftover(name: str) -> str | None:
+    """``"tmp"``, ``"old"`` or ``"trash"`` for a save's leftover folder name (``.checkpoint.tmp-1a2b``), else None."""
+    for target in _OWN_FILES:
+        for kind in _LEFTOVER_KINDS:
+            if name.startswith(f".{target}.{kind}-"):
+                return kind
+    return None
+
+
+def check_output_dir(output_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                     results: bool = True) -> Path:
+    """Refuse an output folder the run would damage, before anything is loaded; returns it as a ``Path``.
+
+    Refused: a path that is a file; a folder holding anything the fine-tune does not write (``adapter/``,
+    ``checkpoint/``, their files, the save leftovers and the lock: nothing else, so nothing of the user's is ever
+    replaced); a previous run's results unless ``resume`` (continue it) or ``overwrite`` (replace it), checked
+    only with ``results`` (under the lock: another run's results are its own business until then).
+    """
+    output_dir = check_path("output_dir", output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FinetuneError(f"--output-dir {output_dir} is a file, not a folder: choose a folder")
+    if not output_dir.is_dir():
+        return output_dir
+    foreign = []
+    for entry in sorted(output_dir.iterdir()):
+        if entry.name == LOCK or (_leftover(entry.name) and entry.is_dir()):
+            continue
+        if entry.name not in _OWN_FILES or not entry.is_dir():
+            foreign.append(entry.name)
+        else:
+            own = _OWN_FILES[entry.name]
+            foreign += [f"{entry.name}/{f.name}" for f in sorted(entry.iterdir()) if f.name not in own]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FinetuneError(f"--output-dir {output_dir} holds files the fine-tune did not write ({shown}); it replaces "
+                            "what it writes there, so it needs an empty folder or one of its own runs: choose "
+                            "another --output-dir (nothing was changed)")
+    previous = [name for name in _OWN_FILES if (output_dir / name).exists()]
+    previous += [e.name for e in output_dir.iterdir() if _leftover(e.name) == "old"]
+    if results and previous and not (resume or overwrite):
+        raise FinetuneError(f"--output-dir {output_dir} holds a previous run's results "
+                            f"({', '.join(sorted(previous))}); pass --resume to continue that run, --overwrite to "
+                            "replace it, or choose another --output-dir")
+    return output_dir
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path):
+    """Hold ``output_dir/.lock`` for the whole run: a second run on the same folder stops at once, naming the
+    first one's process id.
+
+    The lock is an ``flock`` on the file (released by the kernel when its process dies, even by ``kill -9``, so a
+    stale lock never blocks); the file records the holder's pid for the message. Where ``flock`` is not available
+    the pid alone decides: a lock whose process is gone is taken over.
+    """
+    path = output_dir / LOCK
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        why = "no space left on its device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror
+        raise FinetuneError(f"--output-dir {output_dir} cannot be created or written ({why}); choose another "
+                            "--output-dir") from err
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            holder = os.read(fd, 64).decode(errors="replace").split()
+            raise FinetuneError(f"--output-dir {output_dir} is in use by another fine-tune (pid "
+                                f"{holder[0] if holder else 'unknown'}, lock {path}); wait for it to finish or choose "
+                                "another --output-dir") from None
+        except (ImportError, OSError):  # no flock here: decide by the recorded pid
+            holder = os.read(fd, 64).decode(errors="replace").split()
+            if holder and holder[0].isdigit() and int(holder[0]) != os.getpid() and _process_alive(int(holder[0])):
+                raise FinetuneError(f"--output-dir {output_dir} is in use by another fine-tune (pid {holder[0]}, "
+                                    f"lock {path}); wait for it to finish or choose another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def clean_leftovers(output_dir: Path) -> list[str]:
+    """Remove what interrupted saves left in ``output_dir`` (call it holding :func:`output_lock`, so no save is
+    under way): ``.NAME.tmp-*`` (never finished) and ``.NAME.trash-*`` (being deleted) folders; an ``.NAME.old-*``
+    is first put back if ``NAME`` is missing (:func:`_recover`), and removed only when ``NAME`` is whole again.
+    Returns the names removed."""
+    for target in _OWN_FILES:
+        _recover(output_dir / target)
+    removed = []
+    for entry in sorted(output_dir.iterdir()):
+        if entry.is_dir() and _leftover(entry.name) in ("tmp", "trash", "old"):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+def check_writable(output_dir: Path, need_bytes: int = 0) -> None:
+    """Write, flush and delete a probe file in ``output_dir`` (a read-only folder fails here, not after the
+    training), and refuse when the file system has less than ``need_bytes`` free, naming "no space left"."""
+    probe = output_dir / f".write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        why = "no space left on its device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else err.strerror
+        raise FinetuneError(f"--output-dir {output_dir} is not writable ({why}); choose another --output-dir") from err
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    free = shutil.disk_usage(output_dir).free
+    if free < need_bytes:
+        raise FinetuneError(f"no space left for the run's saves on the device of --output-dir {output_dir}: "
+                            f"{free / 2**20:.1f} MiB free, the checkpoint and adapter need about "
+                            f"{need_bytes / 2**20:.1f} MiB; free some space or choose another --output-dir")
+
+
+def _save_bytes(model: nn.Module) -> int:
+    """Disk a run's saves need at their fullest: the adapter (float32 in PEFT's file) and a checkpoint (adapter +
+    two Adam moments), each written beside the previous one before it replaces it, plus 1 MiB of small files."""
+    adapter = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
+    return 2 * (adapter + 3 * adapter) + 2**20
+
+
+def _json_value(value):
+    """``value`` with every NaN or infinity as None: JSON has no NaN (``json.dumps`` would write an invalid one)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
 def run_finetune(*, model: str | None = None, device: str | None = None, dtype: str | None = None,
                  smoke: bool | None = None, output_dir: str | Path = "finetune_output", resume: bool = False,
-                 method: str = "peft", progress: bool = True, log: Callable[[str], None] = print,
-                 **overrides) -> dict:
+                 overwrite: bool = False, method: str = "peft", progress: bool = True,
+                 log: Callable[[str], None] = print, profile_steps: int = 0, **overrides) -> dict:
     """Load, evaluate, train, evaluate again, save the adapter: what ``python -m qlora_edu.ch08_finetune.finetune``
     runs.
+
+    Before anything is loaded, the output folder is checked (:func:`check_output_dir`), locked for the run
+    (:func:`output_lock`), cleared of interrupted saves' leftovers (:func:`clean_leftovers`) and probed for
+    writing (:func:`check_writable`; for free space too, once the model says how big its saves are).
 
     Args:
         model: hub id or local folder of a Llama-style model (None: the bundled SmolLM2 / ``$QLORA_EDU_MODEL``).
         device, dtype: forced device / dtype names (None: :func:`qlora_edu.common.device.pick_compute` decides).
         smoke: the CI budget (None: ``QLORA_EDU_SMOKE``).
         output_dir: where the checkpoint and the adapter (``output_dir/adapter``) go.
-        resume: continue from ``output_dir/checkpoint``.
+        resume: continue from ``output_dir/checkpoint`` (its settings must match; without one it starts fresh,
+            and says so).
+        overwrite: replace a previous run's results in ``output_dir`` (deleted before training).
         method: ``"peft"`` or ``"scratch"`` (:func:`prepare_qlora`).
         progress: progress bars.
         log: where the human-readable lines go.
+        profile_steps: profile this many training steps and log torch.profiler's top operators.
         **overrides: fields of :class:`FinetuneConfig` (``steps=40``, ``learning_rate=5e-4``, ...).
 
     Returns:
-        the summary: ``before``, ``after`` (held-out scores in [0, 1]), ``n_eval``, ``gain`` and its 95%
-        bootstrap interval, ``p_value`` (sign test), ``train_seconds``, ``seconds_per_step``, ``tokens_per_s``,
-        ``device``, ``dtype``, ``adapter`` (path), ``checkpoint``, losses, memory, the config.
+        the summary (JSON-able: no NaN, None instead): ``before``, ``after`` (held-out scores in [0, 1]),
+        ``n_eval``, ``gain`` and its 95% bootstrap interval, ``p_value`` (sign test), ``train_seconds``,
+        ``seconds_per_step``, ``tokens_per_s``, ``device``, ``dtype``, ``adapter`` (path), ``checkpoint``, losses,
+        memory (``peak_memory_bytes``: the training steps' peak; ``predicted_memory_bytes``: chapter 4's prediction
+        for the widest batch trained; ``memory_error_percent``: ``100 (predicted - measured) / measured``;
+        ``memory_prediction_failure``: why there is no prediction), the config.
+
+    Raises:
+        FinetuneError: the output folder is refused or locked, the checkpoint cannot be resumed, training diverged.
     """
-    check_run_finetune_args(model, device, dtype, smoke, output_dir, resume, method, progress, log)
+    check_run_finetune_args(model, device, dtype, smoke, output_dir, resume, method, progress, log, overwrite,
+                            profile_steps)
     from qlora_edu.common.device import pick_compute
 
     compute = pick_compute(device, dtype)
     config = default_config(compute.device, smoke, **overrides)
-    output_dir = Path(output_dir)
-    log(compute.describe())
-    log(f"config: {json.dumps(config.to_dict())}")
     train_set, heldout = load_dataset("train"), load_dataset("heldout")
+    if config.eval_size is not None and config.eval_size > len(heldout):
+        raise ValueError(f"eval_size (--eval-size) must be at most {len(heldout)}, the held-out examples there are; "
+                         f"got {config.eval_size}")
     heldout = heldout[:config.eval_size] if config.eval_size is not None else heldout
-    qmodel, tokenizer = load_qlora_model(model, config=config, compute=compute, method=method, progress=progress)
-    before = evaluate(qmodel, tokenizer, heldout, max_new_tokens=config.max_new_tokens, progress=progress)
-    log(f"before: {sum(before.correct)}/{before.n} correct ({before.seconds:.1f} s)")
-    load = os.getloadavg()[0]
-    result = train(qmodel, tokenizer, train_set, config, output_dir=output_dir, resume=resume, progress=progress)
-    log(f"trained {config.steps - result.resumed_from} steps in {result.seconds:.1f} s "
-        f"({result.seconds_per_step:.2f} s/step, {result.tokens_per_second:.0f} tokens/s, load average {load:.1f}); "
-        f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
-    after = evaluate(qmodel, tokenizer, heldout, max_new_tokens=config.max_new_tokens, progress=progress)
-    log(f"after: {sum(after.correct)}/{after.n} correct ({after.seconds:.1f} s)")
-    adapter = save_adapter(qmodel, output_dir / ADAPTER)
+    output_dir = check_output_dir(output_dir, results=False)  # creates nothing: a refused folder stays as it was
+    with output_lock(output_dir):
+        check_output_dir(output_dir, resume=resume, overwrite=overwrite)  # now that no other run writes there
+        removed = clean_leftovers(output_dir)
+        if removed:
+            log(f"removed the leftovers of interrupted saves: {', '.join(removed)}")
+        if overwrite and not resume:
+            for name in _OWN_FILES:
+                if (output_dir / name).exists():
+                    _discard(output_dir / name)
+                    log(f"--overwrite: removed the previous run's {output_dir / name}")
+        check_writable(output_dir)
+        has_checkpoint = (output_dir / CHECKPOINT).is_dir()
+        if resume:
+            if has_checkpoint:
+                state = read_trainer_state(output_dir / CHECKPOINT)
+                check_resumable(state, config, output_dir / CHECKPOINT)  # before minutes of loading, not after
+                done = "finished: nothing to train, its adapter is evaluated" if state["step"] >= config.steps \
+                    else "continuing"
+                log(f"resuming {output_dir / CHECKPOINT}: {state['step']} of {config.steps} steps done; {done}")
+            else:
+                log(f"--resume: no checkpoint in {output_dir}, so this run starts fresh")
+        log(compute.describe())
+        log(f"config: {json.dumps(config.to_dict())}")
+        qmodel, tokenizer = load_qlora_model(model, config=config, compute=compute, method=method,
+                                             progress=progress)
+        check_writable(output_dir, _save_bytes(qmodel))
+        before = evaluate(qmodel, tokenizer, heldout, max_new_tokens=config.max_new_tokens, progress=progress)
+        log(f"before: {sum(before.correct)}/{before.n} correct ({before.seconds:.1f} s)")
+        load = os.getloadavg()[0]
+        result = train(qmodel, tokenizer, train_set, config, output_dir=output_dir, resume=resume,
+                       progress=progress, profile_steps=profile_steps)
+        if result.profile is not None:
+            log(f"torch.profiler, the top operators of {profile_steps} training steps:\n{result.profile}")
+        trained = config.steps - result.resumed_from
+        if trained:
+            log(f"trained {trained} steps in {result.seconds:.1f} s ({result.seconds_per_step:.2f} s/step, "
+                f"{result.tokens_per_second:.0f} tokens/s, load average {load:.1f}); "
+                f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+        else:
+            log(f"the run was already finished ({config.steps} steps): no step trained")
+        after = evaluate(qmodel, tokenizer, heldout, max_new_tokens=config.max_new_tokens, progress=progress)
+        log(f"after: {sum(after.correct)}/{after.n} correct ({after.seconds:.1f} s)")
+        adapter = save_adapter(qmodel, output_dir / ADAPTER)
     gain, low, high = paired_bootstrap_interval(before.correct, after.correct)
     memory = memory_summary(qmodel, result.optimizer, config, seq_len=max(result.widths), device=compute.device,
                             peak_bytes=result.peak_memory_bytes)
-    return {"before": before.score, "after": after.score, "n_eval": before.n, "gain": gain,
-            "gain_interval_95": [low, high], "p_value": sign_test_p_value(before.correct, after.correct),
-            "train_seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
-            "tokens_per_s": result.tokens_per_second, "steps": config.steps, "resumed_from": result.resumed_from,
-            "loss_first": result.losses[0], "loss_last": result.losses[-1], "device": compute.device.type,
-            "dtype": str(compute.dtype).removeprefix("torch."), "model": model or settings.model_override()
-            or "SmolLM2-135M-Instruct (bundled)", "method": method, "adapter": str(adapter),
-            "checkpoint": str(result.checkpoint), "load_average": load,
-            "peak_memory_bytes": memory["measured_peak"], "predicted_memory_bytes": memory["predicted_total"],
-            "memory_prediction_error": memory["prediction_error"],
-            "process_max_rss_bytes": memory["process_max_rss"], "config": config.to_dict()}
+    measured, predicted = memory["measured_peak"], memory["predicted_total"]
+    error = 100 * (predicted - measured) / measured if measured and predicted is not None else None
+    summary = {"before": before.score, "after": after.score, "n_eval": before.n, "gain": gain,
+               "gain_interval_95": [low, high], "p_value": sign_test_p_value(before.correct, after.correct),
+               "train_seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
+               "tokens_per_s": result.tokens_per_second, "steps": config.steps, "resumed_from": result.resumed_from,
+               "loss_first": result.losses[0], "loss_last": result.losses[-1], "device": compute.device.type,
+               "dtype": str(compute.dtype).removeprefix("torch."), "model": model or settings.model_override()
+               or "SmolLM2-135M-Instruct (bundled)", "method": method, "adapter": str(adapter),
+               "checkpoint": str(result.checkpoint), "load_average": load,
+               "peak_memory_bytes": measured, "predicted_memory_bytes": predicted,
+               "predicted_memory_batch": [config.batch_size, max(result.widths)], "memory_error_percent": error,
+               "memory_prediction_failure": memory["prediction_error"],
+               "process_max_rss_bytes": memory["process_max_rss"], "config": config.to_dict()}
+    return _json_value(summary)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -951,30 +1351,97 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, help="adapter rank (default: 16 CPU, 64 GPU)")
     p.add_argument("--lora-alpha", type=float, help="adapter alpha (default: 16)")
     p.add_argument("--lora-dropout", type=float, help="adapter dropout (default: 0.05)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: paged_adamw_32bit")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: paged_adamw")
     p.add_argument("--eval-size", type=int, help="held-out examples to score (default: all 200)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: only at the end)")
     p.add_argument("--seed", type=int, help="default: 0")
     p.add_argument("--method", choices=("peft", "scratch"), default="peft",
                    help="peft + bitsandbytes (default) or the course's own NF4 layers")
     p.add_argument("--output-dir", default="finetune_output", help="checkpoint and adapter folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint (same settings; "
+                                                         "more --steps allowed)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run's results in OUTPUT_DIR")
+    p.add_argument("--profile", type=int, nargs="?", const=5, default=0, metavar="STEPS",
+                   help="print torch.profiler's top operators of STEPS training steps (default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
+def _flag_message(err: Exception) -> str:
+    """An error's message with the setting it starts with (the guards' messages do: ``learning_rate must be ...``)
+    named by the flag a user typed (``--lr must be ...``)."""
+    message = str(err)
+    name = message.split(" ", 1)[0]
+    return FLAGS[name] + message[len(name):] if name in FLAGS else message
+
+
+def _check_model_flag(model: str | None) -> None:
+    """``--model``: an existing folder must hold a model (``config.json``); a path that looks local (``./x``,
+    ``x/y/z``, ``~/x``, absolute, or ``x/y`` where the folder ``x`` exists) must exist. Only what reads as a hub id
+    (``org/name``, ``name``) is left to the hub, so a mistyped folder fails at once instead of after retries."""
+    if model is None:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--model {model} is a folder but not a model: it holds no config.json (a transformers "
+                             "model folder has config.json and the weights)")
+        return
+    if path.exists():
+        raise ValueError(f"--model {model} is a file; give a model folder or a hub id (org/name)")
+    parts = Path(model).parts
+    local = model.startswith((".", "/", "~")) or os.path.isabs(model) or len(parts) > 2 or \
+        (len(parts) == 2 and Path(parts[0]).is_dir())
+    if local:
+        raise ValueError(f"--model {model}: no such folder (a local path must exist; a hub id is org/name)")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    """The command line: parse ``argv``, :func:`run_finetune`, print the summary as the last line (JSON)."""
-    args = vars(_parser().parse_args(argv))
+    """The command line: parse ``argv``, :func:`run_finetune`, print the summary as the last line (JSON).
+
+    A bad flag value ends as argparse ends: one line naming the flag, exit status 2. A run that is refused or stops
+    (:class:`FinetuneError`: the output folder, its lock, a checkpoint, divergence) ends with one ``error:`` line
+    and exit status 1.
+    """
+    parser = _parser()
+    args = vars(parser.parse_args(argv))
     overrides = {k: args.pop(k) for k in ("steps", "batch_size", "learning_rate", "lora_r", "lora_alpha",
                                           "lora_dropout", "optimizer", "eval_size", "save_every", "seed")}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     progress = not args.pop("no_progress")
-    summary = run_finetune(model=args["model"], device=args["device"], dtype=args["dtype"], smoke=args["smoke"],
-                           output_dir=args["output_dir"], resume=args["resume"], method=args["method"],
-                           progress=progress, log=lambda line: print(line, flush=True), **overrides)
+    if args["device"] == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: no CUDA device here (torch.cuda.is_available() is False, torch "
+                     f"{torch.__version__}); use --device cpu, or run on a machine with a GPU")
+    try:
+        from qlora_edu.common.device import pick_compute
+
+        compute = pick_compute(args["device"], args["dtype"])
+    except (ValueError, RuntimeError) as err:
+        parser.error(f"--device {args['device'] or '(default)'} / --dtype {args['dtype'] or '(default)'}: {err}")
+    try:
+        config = default_config(compute.device, args["smoke"], **overrides)
+        n_heldout = len(load_dataset("heldout"))
+        if config.eval_size is not None and config.eval_size > n_heldout:
+            raise ValueError(f"--eval-size must be at most {n_heldout}, the held-out examples there are; got "
+                             f"{config.eval_size}")
+        if args["resume"] and args["overwrite"]:
+            raise ValueError("--resume and --overwrite exclude each other: continue the previous run or replace it")
+        if args["profile"] < 0:
+            raise ValueError(f"--profile must be >= 0 steps, got {args['profile']}")
+        _check_model_flag(args["model"])
+    except (ValueError, TypeError) as err:
+        parser.error(_flag_message(err))
+    try:
+        summary = run_finetune(model=args["model"], device=args["device"], dtype=args["dtype"], smoke=args["smoke"],
+                               output_dir=args["output_dir"], resume=args["resume"], overwrite=args["overwrite"],
+                               method=args["method"], progress=progress, log=lambda line: print(line, flush=True),
+                               profile_steps=args["profile"], **overrides)
+    except FinetuneError as err:
+        sys.stdout.flush()
+        print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     sys.stdout.flush()
-    print(json.dumps(summary), flush=True)
+    print(json.dumps(summary, allow_nan=False), flush=True)
     return summary
 
 

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,10 +11,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlora_edu.common.guards import check_bool, check_choice, check_int, check_tensor
+from qlora_edu.ch07_qlora.guards import check_compute_dtype
+from qlora_edu.ch08_finetune.config import FinetuneConfig
+from qlora_edu.common.device import Compute
+from qlora_edu.common.guards import (
+    check_bool,
+    check_choice,
+    check_device,
+    check_instance,
+    check_int,
+    check_number,
+    check_tensor,
+)
 
 METHODS = ("peft", "scratch")
-COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -31,18 +40,6 @@ def check_path(name: str, value: object) -> Path:
     return Path(value)
 
 
-def check_number(name: str, value: object, *, low: float, high: float | None = None,
-                 low_open: bool = False) -> float:
-    """``value`` must be a real number (int or float, not bool) in ``[low, high]`` (``(low, high]`` if
-    ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
-        lo = f"({low}" if low_open else f"[{low}"
-        raise ValueError(f"{name} must be in {lo}, {high if high is not None else 'inf'}], got {value}")
-    return float(value)
-
-
 def check_tokenizer(tokenizer: object) -> object:
     """``tokenizer`` must have a chat template (``apply_chat_template``) and an end token (``eos_token_id``)."""
     if not callable(getattr(tokenizer, "apply_chat_template", None)):
@@ -53,15 +50,17 @@ def check_tokenizer(tokenizer: object) -> object:
     return tokenizer
 
 
-def check_examples(examples: object, example_type: type | None = None) -> list:
-    """``examples`` must be a non-empty list/tuple of :class:`qlora_edu.ch08_finetune.instruct_data.Example`."""
-    if example_type is None:
-        from qlora_edu.ch08_finetune.instruct_data import Example as example_type
+def check_examples(examples: object) -> list:
+    """``examples`` must be a non-empty list/tuple of :class:`qlora_edu.ch08_finetune.instruct_data.Example`: records
+    with a str ``message`` and a dict ``answer``, checked by those fields (this module sits below the one that
+    defines the class)."""
     if isinstance(examples, (str, bytes)) or not isinstance(examples, Sequence):
         raise TypeError(f"examples must be a list of Example, got {type(examples).__name__}")
     if len(examples) == 0:
         raise ValueError("examples must not be empty")
-    bad = next((i for i, e in enumerate(examples) if not isinstance(e, example_type)), None)
+    bad = next((i for i, e in enumerate(examples)
+                if not (isinstance(getattr(e, "message", None), str) and isinstance(getattr(e, "answer", None), dict))),
+               None)
     if bad is not None:
         raise TypeError(f"examples must hold Example objects; examples[{bad}] is {type(examples[bad]).__name__}")
     return list(examples)
@@ -215,56 +214,16 @@ def check_paired_bootstrap_args(before: object, after: object, n_resamples: obje
 # finetune
 
 
-def check_finetune_config(config: object, optimizers: tuple[str, ...]) -> None:
-    """Every field of a ``FinetuneConfig`` in its range (called when one is made, and by functions taking one)."""
-    from qlora_edu.ch08_finetune.finetune import FinetuneConfig
-
-    if not isinstance(config, FinetuneConfig):
-        raise TypeError(f"config must be a FinetuneConfig, got {type(config).__name__}")
-    check_int("steps", config.steps, low=1)
-    check_int("batch_size", config.batch_size, low=1)
-    check_number("learning_rate", config.learning_rate, low=0.0, low_open=True)
-    check_number("warmup_ratio", config.warmup_ratio, low=0.0, high=1.0)
-    check_number("max_grad_norm", config.max_grad_norm, low=0.0, low_open=True)
-    check_int("lora_r", config.lora_r, low=1)
-    check_number("lora_alpha", config.lora_alpha, low=0.0, low_open=True)
-    check_number("lora_dropout", config.lora_dropout, low=0.0, high=0.99)
-    targets = config.target_modules
-    if isinstance(targets, str) or not isinstance(targets, (tuple, list)) or not targets \
-            or not all(isinstance(t, str) and t for t in targets):
-        raise TypeError(f"target_modules must be a non-empty tuple of module names like 'q_proj', got {targets!r}")
-    check_choice("optimizer", config.optimizer, optimizers)
-    check_number("weight_decay", config.weight_decay, low=0.0)
-    check_bool("gradient_checkpointing", config.gradient_checkpointing)
-    check_int("seed", config.seed, low=0)
-    check_int("save_every", config.save_every, low=0)
-    if config.eval_size is not None:
-        check_int("eval_size", config.eval_size, low=1)
-    check_int("max_new_tokens", config.max_new_tokens, low=1)
-
-
 def _config(config: object) -> None:
-    from qlora_edu.ch08_finetune.finetune import OPTIMIZERS
-
-    check_finetune_config(config, OPTIMIZERS)
+    check_instance("config", config, FinetuneConfig, "paper_config() or default_config()")
 
 
 def check_paper_config_args(steps: object) -> None:
     check_int("steps", steps, low=1)
 
 
-def check_lora_config_args(config: object) -> None:
-    _config(config)
-
-
 def check_default_config_args(device: object, smoke: object) -> tuple[torch.device, bool | None]:
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be 'cpu', 'cuda' or a torch.device, got {type(device).__name__}")
-    try:
-        device = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}") from err
-    check_choice("device", device.type, ("cpu", "cuda"))
+    device = check_device("device", device, available=False)  # a GPU's settings can be shown on a CPU
     if smoke is not None:
         check_bool("smoke", smoke)
     return device, smoke
@@ -282,20 +241,10 @@ def check_batch_indices_args(n_examples: object, batch_size: object, step: objec
     check_int("seed", seed, low=0)
 
 
-def check_compute_dtype(compute_dtype: object) -> torch.dtype:
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
-    return compute_dtype
-
-
-def check_bnb_config_args(compute_dtype: object) -> None:
-    check_compute_dtype(compute_dtype)
-
-
 def check_prepare_qlora_args(model: object, config: object, method: object, compute_dtype: object,
                              optimizers: tuple[str, ...]) -> None:
     check_model(model)
-    check_finetune_config(config, optimizers)
+    _config(config)  # its fields were checked when it was made
     check_choice("method", method, METHODS)
     check_compute_dtype(compute_dtype)
     in_4bit = bool(getattr(model, "is_loaded_in_4bit", False))
@@ -310,9 +259,7 @@ def check_prepare_qlora_args(model: object, config: object, method: object, comp
 def check_load_qlora_model_args(config: object, compute: object, method: object, progress: object,
                                 optimizers: tuple[str, ...]) -> None:
     """``compute``: a :class:`qlora_edu.common.device.Compute` or None."""
-    from qlora_edu.common.device import Compute
-
-    check_finetune_config(config, optimizers)
+    _config(config)  # its fields were checked when it was made
     check_bool("progress", progress)
     if compute is not None and not isinstance(compute, Compute):
         raise TypeError(f"compute must be a qlora_edu.Compute (pick_compute()), got {type(compute).__name__}")
@@ -321,8 +268,6 @@ def check_load_qlora_model_args(config: object, compute: object, method: object,
 
 def check_load_finetuned_args(adapter: object, compute: object, progress: object) -> Path:
     """``adapter``: a folder holding ``adapter_config.json``; ``compute``: a Compute or None."""
-    from qlora_edu.common.device import Compute
-
     path = check_path("adapter", adapter)
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter {path} holds no adapter_config.json (save_adapter writes one)")
@@ -333,7 +278,7 @@ def check_load_finetuned_args(adapter: object, compute: object, progress: object
 
 
 def check_build_optimizer_args(params: object, config: object, optimizers: tuple[str, ...]) -> list:
-    check_finetune_config(config, optimizers)
+    _config(config)  # its fields were checked when it was made
     if isinstance(params, torch.Tensor) or not hasattr(params, "__iter__"):
         raise TypeError(f"params must be a list of parameters, got {type(params).__name__}")
     params = list(params)
@@ -356,7 +301,10 @@ def check_save_adapter_args(model: object, path: object) -> Path:
     return check_atomic_directory_args(path)
 
 
-def check_save_checkpoint_args(path: object, model: object, optimizer: object, step: object, history: object) -> Path:
+def check_save_checkpoint_args(path: object, model: object, optimizer: object, step: object, history: object,
+                               config: object = None) -> Path:
+    if config is not None:
+        _config(config)
     check_trainable_model(model)
     check_optimizer(optimizer)
     check_int("step", step, low=0)
@@ -375,11 +323,14 @@ def check_load_checkpoint_args(path: object, model: object, optimizer: object) -
 
 
 def check_train_args(model: object, tokenizer: object, examples: object, config: object, output_dir: object,
-                     resume: object, on_step: object, progress: object, optimizers: tuple[str, ...]) -> Path | None:
+                     resume: object, on_step: object, progress: object, optimizers: tuple[str, ...],
+                     sync_every: object = 1, profile_steps: object = 0) -> Path | None:
+    check_int("sync_every", sync_every, low=1)
+    check_int("profile_steps", profile_steps, low=0)
     check_trainable_model(model)
     check_tokenizer(tokenizer)
     check_examples(examples)
-    check_finetune_config(config, optimizers)
+    _config(config)  # its fields were checked when it was made
     out = None if output_dir is None else check_path("output_dir", output_dir)
     check_bool("resume", resume)
     if resume and out is None:
@@ -406,6 +357,13 @@ def check_generate_replies_args(model: object, tokenizer: object, examples: obje
     check_evaluate_args(model, tokenizer, examples, batch_size, max_new_tokens)
 
 
+def check_heldout_loss_args(model: object, tokenizer: object, examples: object, batch_size: object) -> None:
+    check_model(model)
+    check_tokenizer(tokenizer)
+    check_examples(examples)
+    check_int("batch_size", batch_size, low=1)
+
+
 def check_inference_mode_args(model: object) -> None:
     check_model(model)
 
@@ -415,7 +373,7 @@ def check_memory_summary_args(model: object, optimizer: object, config: object, 
     check_model(model)
     if optimizer is not None:
         check_optimizer(optimizer)
-    check_finetune_config(config, optimizers)
+    _config(config)  # its fields were checked when it was made
     check_int("seq_len", seq_len, low=1)
     device, _ = check_default_config_args(device, None)
     if peak_bytes is not None:
@@ -435,7 +393,8 @@ def check_calibration_step_seconds_args(model: object, steps: object, batch_size
 
 
 def check_run_finetune_args(model: object, device: object, dtype: object, smoke: object, output_dir: object,
-                            resume: object, method: object, progress: object, log: object) -> None:
+                            resume: object, method: object, progress: object, log: object, overwrite: object = False,
+                            profile_steps: object = 0) -> None:
     """``model``: None or a hub id / folder; ``device`` / ``dtype``: None or names (checked by pick_compute)."""
     if model is not None:
         check_path("model", model)
@@ -446,6 +405,11 @@ def check_run_finetune_args(model: object, device: object, dtype: object, smoke:
         check_bool("smoke", smoke)
     check_path("output_dir", output_dir)
     check_bool("resume", resume)
+    check_bool("overwrite", overwrite)
+    if resume and overwrite:
+        raise ValueError("resume (--resume) and overwrite (--overwrite) exclude each other: continue the previous run "
+                         "or replace it")
+    check_int("profile_steps", profile_steps, low=0)
     check_choice("method", method, METHODS)
     check_bool("progress", progress)
     if not callable(log):

@@ -21,6 +21,13 @@ uses first names, last names and cities that never occur in the training split, 
 by reading the message, not by remembering names. ``scripts/make_finetune_data.py`` writes the committed files
 ``qlora_edu/ch08_finetune/data/orders_{train,heldout}.jsonl``; :func:`load_dataset` reads them.
 
+The held-out split shares the templates, the items and the remark phrasings with training: it tests new names and
+cities in familiar sentences. A third split, ``heldout_templates`` (:func:`generate_heldout_templates`, file
+``orders_heldout_templates.jsonl``), changes the sentences too: 8 templates, 6 catalogue items (2 with irregular
+plurals) and 8 urgent/calm remarks that never occur in training, with the held-out names and cities. Only the
+quantity forms (digits, number words, "a pair of", "half a dozen", "a dozen", "two dozen") are shared: a
+model must still normalize them.
+
 **The prompt** is the model's own chat template (:func:`build_messages`): the instruction as the system message,
 the order as the user message, the JSON as the assistant's reply. For SmolLM2 that is::
 
@@ -82,6 +89,7 @@ __all__ = [
     "encode_example",
     "field_accuracy",
     "generate_dataset",
+    "generate_heldout_templates",
     "load_dataset",
     "load_tokenizer",
     "mask_prompt_labels",
@@ -96,7 +104,7 @@ __all__ = [
 IGNORE_INDEX = -100
 #: Where the committed data files live (shipped with the package).
 DATA_DIR = Path(__file__).resolve().parent / "data"
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "heldout_templates")
 
 #: The system message: what the model is asked to do, with the five keys and their types.
 INSTRUCTION = ('Reply with the order as one JSON object: "customer", "item" (singular), "quantity" (integer), '
@@ -142,13 +150,30 @@ _URGENT = ("It's urgent.", "This is urgent!", "Express delivery, please.", "We n
            "Please rush this order.", "Urgent:")
 _CALM = ("No rush.", "Standard shipping is fine.", "Whenever it suits you.", "There is no hurry.")
 
+#: The ``heldout_templates`` split's own vocabulary: sentences, items and remarks that never occur in training.
+_NEW_TEMPLATES = (
+    "Good morning. Kindly dispatch {goods} to {city} on behalf of {name}.",
+    "{city} office, attention {name}: we are short of {goods}.",
+    "Requesting {goods}. Destination: {city}. Requester: {name}.",
+    "My team in {city} has run out, so please post {goods}. Cheers, {name}",
+    "Add {goods} to my account ({name}) and deliver them in {city}.",
+    "Dear shop, {name} would appreciate {goods} at the {city} address.",
+    "Purchase request - {name} - {goods} - to {city}",
+    "I'm {name}; {goods} should go to {city}, thanks.",
+)
+_NEW_ITEMS = (("vase", "vases"), ("pillow", "pillows"), ("clock", "clocks"), ("glass", "glasses"),
+              ("candle", "candles"), ("dish", "dishes"))
+_NEW_URGENT = ("Time-critical, please hurry.", "We need them tomorrow at the latest.",
+               "Please use your fastest shipping.", "High priority:")
+_NEW_CALM = ("Slow shipping is fine.", "No deadline on this one.", "Take your time.", "Any delivery date works.")
+
 
 @dataclass(frozen=True)
 class Example:
     """One item of the data set.
 
     Attributes:
-        id: ``"train-0001"`` / ``"heldout-0042"``.
+        id: ``"train-0001"`` / ``"heldout-0042"`` / ``"heldout_templates-0007"``.
         message: the customer's message (the user turn).
         answer: the expected JSON object: ``customer`` (str), ``item`` (str), ``quantity`` (int), ``city`` (str),
             ``express`` (bool), in that key order.
@@ -177,16 +202,19 @@ def _quantity_text(rng: random.Random, quantity: int, singular: str, plural: str
 
 
 def _make_example(rng: random.Random, split: str, index: int) -> Example:
+    new_sentences = split == "heldout_templates"
+    templates, items, urgent, calm = ((_NEW_TEMPLATES, _NEW_ITEMS, _NEW_URGENT, _NEW_CALM) if new_sentences
+                                      else (_TEMPLATES, _ITEMS, _URGENT, _CALM))
     first, last, cities = ((_TRAIN_FIRST, _TRAIN_LAST, _TRAIN_CITIES) if split == "train"
                            else (_HELDOUT_FIRST, _HELDOUT_LAST, _HELDOUT_CITIES))
     name, city = f"{rng.choice(first)} {rng.choice(last)}", rng.choice(cities)
-    singular, plural = rng.choice(_ITEMS)
+    singular, plural = rng.choice(items)
     quantity = rng.choice([*range(1, 21), *_QUANTITY_PHRASES])  # 1..20, and 2, 6, 12, 24 once more
-    order = rng.choice(_TEMPLATES).format(name=name, city=city, goods=_quantity_text(rng, quantity, singular, plural))
+    order = rng.choice(templates).format(name=name, city=city, goods=_quantity_text(rng, quantity, singular, plural))
     remark = rng.choice(("urgent", "calm", "none", "none"))
     express = remark == "urgent"
     if remark != "none":
-        phrase = rng.choice(_URGENT if express else _CALM)
+        phrase = rng.choice(urgent if express else calm)
         if phrase.endswith(":") or rng.random() < 0.3:
             order = f"{phrase} {order}"
         else:  # after a signature ("Thanks, Chen Wei") the remark needs its own sentence
@@ -214,17 +242,33 @@ def generate_dataset(seed: int = 0, n_train: int = 2000, n_heldout: int = 200) -
     return out
 
 
+def generate_heldout_templates(seed: int = 0, n: int = 200) -> list[Example]:
+    """The ``heldout_templates`` split: ``n`` examples written with the templates, items and remarks that never
+    occur in training (``_NEW_TEMPLATES``, ``_NEW_ITEMS``, ``_NEW_URGENT``, ``_NEW_CALM``) and the held-out names
+    and cities, from ``random.Random(seed + 2)`` (the other two splits use ``seed`` and ``seed + 1``: their files
+    do not change). Ids ``"heldout_templates-0000"`` ...
+
+    It tells a model that learned the task from one that learned the training sentences: the ``heldout`` split
+    changes only the names and cities."""
+    check_generate_dataset_args(seed, 1, n)
+    rng = random.Random(seed + 2)
+    return [_make_example(rng, "heldout_templates", i) for i in range(n)]
+
+
 def write_dataset(directory: str | Path = DATA_DIR, *, seed: int = 0, n_train: int = 2000,
                   n_heldout: int = 200) -> dict[str, Path]:
-    """Write ``orders_train.jsonl`` and ``orders_heldout.jsonl`` (one JSON object a line) into ``directory``.
+    """Write ``orders_train.jsonl``, ``orders_heldout.jsonl`` and ``orders_heldout_templates.jsonl`` (one JSON
+    object a line; the third split has ``n_heldout`` examples too) into ``directory``.
 
     Returns:
-        ``{"train": path, "heldout": path}``.
+        ``{"train": path, "heldout": path, "heldout_templates": path}``.
     """
     directory = check_write_dataset_args(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for split, examples in generate_dataset(seed, n_train, n_heldout).items():
+    splits = generate_dataset(seed, n_train, n_heldout) | {
+        "heldout_templates": generate_heldout_templates(seed, n_heldout)}
+    for split, examples in splits.items():
         paths[split] = directory / f"orders_{split}.jsonl"
         lines = [json.dumps({"id": e.id, "message": e.message, "answer": e.answer}) for e in examples]
         paths[split].write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -232,7 +276,7 @@ def write_dataset(directory: str | Path = DATA_DIR, *, seed: int = 0, n_train: i
 
 
 def load_dataset(split: str, directory: str | Path = DATA_DIR) -> list[Example]:
-    """Read one split (``"train"`` or ``"heldout"``) of the committed data set.
+    """Read one split (``"train"``, ``"heldout"`` or ``"heldout_templates"``) of the committed data set.
 
     Returns:
         a list of :class:`Example`, in file order.
@@ -326,10 +370,10 @@ def mask_prompt_labels(input_ids: torch.Tensor, prompt_lengths: torch.Tensor,
     """
     check_mask_prompt_labels_args(input_ids, prompt_lengths, attention_mask)
     # BEGIN SOLUTION
-    # Hint: positions = torch.arange(T, device=input_ids.device); a prompt position is positions < prompt_length of
-    # Hint: its row (broadcast a (1, T) row against a (B, 1) column). Padding is where attention_mask == 0: use the
-    # Hint: mask, not the pad token's id (SmolLM2's pad token is also its end token, which must keep its label).
-    # Hint: Build a new tensor (masked_fill, torch.where); do not write into input_ids.
+    # Hint: a label is the token's own id, or -100 where the loss must ignore the position: the prompt (the
+    # Hint: positions before its row's prompt length) and the padding (where the attention mask says so; not the
+    # Hint: pad token's id: SmolLM2's pad token is also its end token, which must keep its label). One
+    # Hint: vectorized expression over the whole batch, in a new tensor: input_ids stays as it was.
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     in_prompt = positions[None, :] < prompt_lengths[:, None]
     labels = input_ids.masked_fill(in_prompt | (attention_mask == 0), IGNORE_INDEX)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import json
+import linecache
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,7 +59,11 @@ def notebook_functions(path: str | Path) -> dict[str, Callable]:
     for cell in code_cells(path):
         if not {SETUP_TAG, EXERCISE_TAG} & set(cell["tags"]):
             continue
-        code = compile(cell["source"], f"{path.name} cell {cell['number']}", "exec")
+        filename = f"{path.name} cell {cell['number']}"
+        # Registered like IPython registers a cell, so inspect.getsource works on what it defines (triton.jit
+        # compiles a kernel from its source: chapter 10's solution on a GPU).
+        linecache.cache[filename] = (len(cell["source"]), None, cell["source"].splitlines(keepends=True), filename)
+        code = compile(cell["source"], filename, "exec")
         exec(code, namespace)  # noqa: S102 - running the learner's own notebook is the point
         if EXERCISE_TAG in cell["tags"]:
             wanted += defined_functions(cell["source"])

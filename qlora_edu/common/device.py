@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from qlora_edu.common import settings
+from qlora_edu.common.guards import CudaUnavailableError
 from qlora_edu.common.settings import DEVICE_ENV, DTYPE_ENV
 
 __all__ = ["Compute", "pick_compute", "gpu_available", "skip_reason_no_gpu", "cpu_has_native_bf16"]
@@ -120,13 +121,13 @@ def pick_compute(prefer: str | None = None, dtype: str | None = None) -> Compute
 
     Raises:
         ValueError: an argument or environment variable holds a value outside the allowed ones.
-        RuntimeError: cuda was asked for but torch sees no CUDA device.
+        CudaUnavailableError: cuda was asked for but torch sees no CUDA device (a RuntimeError).
     """
     device_name, device_source = _setting("prefer", prefer, DEVICE_ENV, settings.device_override(), DEVICES)
     dtype_name, dtype_source = _setting("dtype", dtype, DTYPE_ENV, settings.dtype_override(), tuple(DTYPES))
 
     if device_name == "cuda" and not gpu_available():
-        raise RuntimeError(f"{device_source} asks for cuda, but torch.cuda.is_available() is False "
+        raise CudaUnavailableError(f"{device_source} asks for cuda, but torch.cuda.is_available() is False "
                            f"(torch {torch.__version__}); use cpu or run on a machine with a CUDA GPU")
     if device_name is None:
         device_name = "cuda" if gpu_available() else "cpu"

@@ -8,6 +8,7 @@
 | ``QLORA_EDU_MODEL`` | :func:`model_override` | a hub id or local folder instead of the bundled model |
 | ``QLORA_EDU_CACHE`` | :func:`cache_override` | the folder of the converted bundled model |
 | ``NO_COLOR`` | :func:`no_color` | any non-empty value: no ANSI colours in terminal reports (https://no-color.org) |
+| ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` | :func:`torchrun_ranks` | set by ``torchrun`` for each process it starts |
 
 The long runs (perplexity over many tokens, training) ask :func:`pick` for their budget: ``make test`` and CI
 set ``QLORA_EDU_SMOKE=1``; ``make execute`` runs the full version the committed notebooks show, and each notebook
@@ -64,6 +65,20 @@ def model_override() -> str | None:
 def cache_override() -> str | None:
     """``QLORA_EDU_CACHE``: where the converted bundled model is kept, or None for the default."""
     return _read(CACHE_ENV)
+
+
+def child_environment(**overrides: str) -> dict[str, str]:
+    """This process's environment with ``overrides`` laid over it: the ``env=`` of a subprocess the course starts."""
+    return os.environ | overrides
+
+
+def torchrun_ranks() -> tuple[int, int, int] | None:
+    """``(RANK, WORLD_SIZE, LOCAL_RANK)`` as ``torchrun`` sets them for each process it starts, or None when the
+    process was not started by torchrun (chapter 11's sharded run then starts its own processes)."""
+    rank, world = _read("RANK"), _read("WORLD_SIZE")
+    if rank is None or world is None:
+        return None
+    return int(rank), int(world), int(_read("LOCAL_RANK") or 0)
 
 
 def no_color() -> bool:

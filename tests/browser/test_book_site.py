@@ -143,6 +143,25 @@ def test_chapter_figures(page, book_url, shots):
     assert page.watch.problems == []
 
 
+@pytest.mark.parametrize("path", ["jupyter_book/intro.html", "notebooks/00_tour.html"])
+def test_the_course_map_is_a_table_of_every_chapter(page, book_url, path):
+    """The landing page's course map (generated at build time) and the tour's (a Markdown output of a cell that
+    renders the chapter manifests) are HTML tables, one row a chapter, each chapter's title a link to its lesson's
+    page (not raw pipes, not a link to an .ipynb file)."""
+    from qlora_edu.common.chapters import all_chapters
+
+    page.goto(f"{book_url}/{path}", wait_until="load")
+    table = page.locator("table", has=page.locator("th", has_text="Checked against")).first
+    rows = table.locator("tbody tr")
+    chapters = all_chapters()
+    assert rows.count() == len(chapters), f"{path}: {rows.count()} rows for {len(chapters)} chapters"
+    for i, c in enumerate(chapters):
+        link = rows.nth(i).locator("td").nth(1).locator("a").first
+        href = urllib.parse.urljoin(f"{book_url}/{path}", link.get_attribute("href"))
+        assert href.split("#")[0] == f"{book_url}/notebooks/{c.stem}.html", (path, c.stem, href)
+    assert page.watch.problems == []
+
+
 def test_search_finds_normalfloat(page, book_url, shots):
     page.goto(f"{book_url}/search.html?q=NormalFloat", wait_until="load")
     results = page.locator("#search-results ul.search li")

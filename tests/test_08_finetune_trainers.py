@@ -1,0 +1,110 @@
+"""Chapter 8's practitioner's path (qlora_edu/ch08_finetune/hf_trainers.py): the fine-tune through transformers'
+Trainer and TRL's SFTTrainer, on the tiny random Llama (tests/conftest.py), two optimizer steps each."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qlora_edu.ch08_finetune import hf_trainers
+from qlora_edu.ch08_finetune.finetune import default_config, learning_rate_at, load_qlora_model
+from qlora_edu.ch08_finetune.instruct_data import IGNORE_INDEX, collate_examples, encode_example, load_dataset
+from qlora_edu.common.device import pick_compute
+
+# Two steps of two examples, one example a micro-batch (accumulation 2), warm-up over half the steps: the course's
+# schedule would give step 0 a learning rate of 0; transformers' "constant" must ignore the warm-up.
+CONFIG = default_config("cpu", smoke=True, steps=2, batch_size=2, warmup_ratio=0.5, learning_rate=1e-3)
+
+
+@pytest.fixture(scope="module")
+def compute():
+    return pick_compute("cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return load_dataset("train")[:8]
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("trainer", ["hf", "trl"])
+def test_library_path_trains_two_steps_with_the_papers_constant_schedule(trainer, tiny_model_dir, compute, examples,
+                                                                          tmp_path):
+    if trainer == "trl":
+        pytest.importorskip("trl", reason="TRL is in the dev extra (pip install -e .[dev])")
+    model, tokenizer = load_qlora_model(tiny_model_dir, config=CONFIG, compute=compute, progress=False)
+    before = _trainable(model)
+    train = hf_trainers.train_with_hf_trainer if trainer == "hf" else hf_trainers.train_with_sft_trainer
+    record = train(model, tokenizer, examples, CONFIG, compute=compute, accumulation=2, output_dir=tmp_path)
+    assert len(record.losses) == len(record.step_seconds) == len(record.tokens) == CONFIG.steps
+    assert all(math.isfinite(x) and x > 0 for x in record.losses)
+    # "constant" ignores the warm-up: every step at the peak rate, where the course's loop starts from 0
+    assert learning_rate_at(0, CONFIG) == 0.0
+    assert record.learning_rates == [CONFIG.learning_rate] * CONFIG.steps
+    assert all(t > 0 for t in record.tokens) and record.tokens_per_second > 0
+    after = _trainable(model)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert any("lora_B" in n for n in changed), "training left every lora_B at its zero initialization"
+    assert all("lora_" in n for n in changed), "a frozen weight changed"
+
+
+def test_response_only_collator_is_the_courses_batch(tiny_model_dir, examples):
+    from qlora_edu.ch08_finetune.instruct_data import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    collator = hf_trainers.ResponseOnlyCollator(tokenizer, examples)
+    features = [{"input_ids": encode_example(tokenizer, examples[i])[0], "index": i} for i in (3, 0, 5)]
+    batch = collator(features)
+    expected = collate_examples(tokenizer, [examples[i] for i in (3, 0, 5)])
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    for key in batch:
+        assert torch.equal(batch[key], expected[key])
+    prompt = expected["prompt_lengths"][0]
+    assert (batch["labels"][0, :prompt] == IGNORE_INDEX).all() and (batch["labels"][0, prompt:] != IGNORE_INDEX).any()
+    assert collator.tokens == [int(expected["attention_mask"].sum())]
+
+
+def test_trl_completion_is_the_courses_response_plus_the_templates_newline(tiny_model_dir, examples):
+    """TRL's completion is what the template renders after the prompt: the course's response tokens (ending with
+    ``<|im_end|>``) and, for SmolLM2's template, the newline after it."""
+    from qlora_edu.ch08_finetune.instruct_data import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    row = hf_trainers._prompt_completion(examples[0])
+    full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)
+    full = full["input_ids"] if not isinstance(full, list) else full
+    ids, prompt_length = encode_example(tokenizer, examples[0])
+    assert full[:len(ids)] == ids
+    assert tokenizer.decode(full[len(ids):]) == "\n"
+
+
+def test_paper_arguments_match_artidoro_qlora(compute, tmp_path):
+    from transformers import TrainingArguments
+
+    config = default_config("cpu", smoke=False)
+    kwargs = hf_trainers.paper_trainer_arguments(config, output_dir=tmp_path, compute=compute, accumulation=2)
+    args = TrainingArguments(**kwargs)
+    assert args.optim == "paged_adamw_32bit" and args.lr_scheduler_type == "constant"
+    assert args.max_grad_norm == 0.3 and args.weight_decay == 0.0 and args.adam_beta2 == 0.999
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == config.batch_size
+    assert args.train_sampling_strategy == "group_by_length" and args.activation_checkpointing
+    # every argument set is explained in the module's table
+    explained = {"output_dir", "adam_beta1", "dataloader_num_workers", "disable_tqdm", "fp16"}
+    missing = [k for k in kwargs if k not in explained and f"``{k}" not in hf_trainers.__doc__]
+    assert not missing, f"the module's table lacks {missing}"
+    with pytest.raises(ValueError, match="accumulation"):
+        hf_trainers.paper_trainer_arguments(config, output_dir=tmp_path, compute=compute, accumulation=3)
+    assert [hf_trainers.default_accumulation(b) for b in (2, 4, 8, 16, 6)] == [1, 1, 2, 4, 1]
+
+
+def test_command_line_passes_the_run_options_to_each_child():
+    argv = ["--side-by-side", "--seeds", "0", "1", "--parallel", "--steps", "10", "--out", "x.json", "--no-generate"]
+    assert hf_trainers._strip(argv, {"--side-by-side": 0, "--seeds": 2, "--out": 1, "--parallel": 0}) == [
+        "--steps", "10", "--no-generate"]
+    with pytest.raises(ValueError, match="trainer must be one of"):
+        hf_trainers.run_trainer("keras")
