@@ -192,13 +192,13 @@ def test_agenda_times_come_from_the_recorded_runs():
     tour, absmax = chapter("00_tour"), chapter("01_absmax")
     lesson = recorded_run(ROOT / tour.lesson).seconds
     slots = [book.Slot(15, "Setup"), book.chapter_slot(tour, 20, notes="note"),
-             book.chapter_slot(tour, 1, part="lesson"), book.Slot(30, "Later")]
+             book.chapter_slot(tour, 0, part="lesson"), book.Slot(30, "Later")]  # 0 minutes: any run is over half
     text = book.agenda_markdown(slots, [absmax])
     rows = [ln.split(" | ") for ln in text.splitlines()[2:]]
-    assert [r[0] for r in rows] == ["| 0:00", "| 0:15", "| 0:35", "| 0:36", "| 1:06", "| take-home"]
+    assert [r[0] for r in rows] == ["| 0:00", "| 0:15", "| 0:35", "| 0:35", "| 1:05", "| take-home"]
     assert rows[1][1] == f"Chapter 0, {tour.title}: lesson" and rows[1][3] == f"{format_seconds(lesson)} lesson"
     assert rows[1][4] == "note |" and "over half the slot" not in rows[1][4]
-    assert "over half the slot" in rows[2][4]  # the tour's run does not fit half of one minute
+    assert "over half the slot" in rows[2][4]  # the tour's recorded run does not fit half of no time
     assert rows[5][1] == f"Chapter 1, {absmax.title}"
 
 
