@@ -491,3 +491,16 @@ def test_cuda_llama7b_benchmark_targets():
     t_ours, t_theirs, m_ours, m_theirs = bench.bench_gpu(args)
     assert t_ours <= bench.GPU_TARGETS["time_ratio"] * t_theirs
     assert m_ours <= m_theirs
+
+
+def test_nf4_weight_is_built_once_per_stored_tensors():
+    """The NF4Tensor view of an NF4Linear is checked and built once, not on every forward pass, and rebuilt when its
+    storage is replaced (a move to another device or dtype of the module puts new tensors in the buffers)."""
+    layer = NF4Linear.from_linear(torch.nn.Linear(128, 64))
+    first = layer.nf4_weight
+    assert layer.nf4_weight is first
+    layer.load_state_dict(layer.state_dict())  # copies into the same tensors: still valid
+    assert layer.nf4_weight is first
+    layer.packed = layer.packed.clone()  # a new tensor in the buffer: rebuilt from it
+    assert layer.nf4_weight is not first and layer.nf4_weight.packed is layer.packed
+    assert torch.equal(dequantize_nf4(layer.nf4_weight), dequantize_nf4(first))
