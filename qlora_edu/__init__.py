@@ -34,6 +34,12 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
+# No network at import: bitsandbytes, when something first imports it, must not ask the Hub for a CPU kernel
+# (qlora_edu/common/offline.py). Cheap: an import hook that finds nothing, no library loaded here.
+from qlora_edu.common.offline import install as _install_offline  # noqa: E402
+
+_install_offline()
+
 _HERE = Path(__file__).resolve().parent
 
 

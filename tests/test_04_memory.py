@@ -185,6 +185,47 @@ def test_cpu_peak_of_real_steps(method, ckpt):
     assert close(pred.total, meas["peak"], 0.05), (pred.total, meas["peak"], pred.peak_phase, meas["peak_op"])
 
 
+@pytest.mark.parametrize(("method", "ckpt"), CPU_SETUPS)
+@pytest.mark.parametrize("pad", [1, 9])
+def test_cpu_saved_activations_of_a_padded_batch(method, ckpt, pad):
+    """A padded batch (an attention mask with zeros, as every batch of chapter 8) makes transformers give SDPA
+    an explicit mask: k and v repeated to every head and an additive mask saved by every layer. The prediction
+    with ``padded=True`` is exact; without it, it is short by exactly those tensors (chapter 9's lab 8 gap)."""
+    model, _, _, wd = setup(method, ckpt)
+    config = tiny_config()
+    assert config.num_key_value_heads < config.num_attention_heads  # grouped-query attention: k, v repeated
+    measured = saved_activation_bytes(model, random_batch(config, 2, 32, pad=pad))
+    pred = predict_cpu(config, method, ckpt, 2, 32, weight_dtype=wd, padded=True)
+    assert pred.saved_activations == measured
+    unpadded = predict_cpu(config, method, ckpt, 2, 32, weight_dtype=wd)
+    rd = 4 if method == "qlora" or wd == torch.float32 else 2
+    extra = 0 if ckpt else config.num_hidden_layers * 2 * 32 * rd * (
+        2 * (config.num_attention_heads - config.num_key_value_heads) * config.head_dim + 32)
+    assert measured - unpadded.saved_activations == extra
+
+
+@pytest.mark.parametrize(("method", "ckpt"), [("qlora", False), ("qlora", True)])
+def test_cpu_peak_of_a_padded_step(method, ckpt):
+    config = tiny_config()
+    model, trainable = build_training_model(config, method, lora_r=8, gradient_checkpointing=ckpt)
+    optimizer = make_optimizer(trainable, "adamw", fused=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meas = measure_training_step(model, optimizer, random_batch(config, 2, 32, pad=7), steps=2)
+    pred = predict_cpu(config, method, ckpt, 2, 32, weight_dtype=torch.bfloat16, padded=True)
+    assert close(pred.total, meas["peak"], 0.05), (pred.total, meas["peak"], pred.peak_phase, meas["peak_op"])
+
+
+def test_random_batch_padding():
+    b = random_batch(tiny_config(), 3, 10, pad=4)
+    assert b["attention_mask"][0].all() and (b["attention_mask"][1:, 6:] == 0).all()
+    assert (b["labels"][1:, 6:] == -100).all() and (b["labels"][0] == b["input_ids"][0]).all()
+    with pytest.raises(ValueError, match="pad"):
+        random_batch(tiny_config(), 1, 10, pad=2)
+    with pytest.raises(ValueError, match="pad"):
+        random_batch(tiny_config(), 2, 10, pad=10)
+
+
 @pytest.mark.parametrize("variant", ["eager", "no-dropout", "q-v-only", "no-prepare", "mha-tied"])
 def test_cpu_saved_activations_variants(variant):
     """Other settings change what is saved: each must still match autograd."""

@@ -108,3 +108,26 @@ def test_command_line_passes_the_run_options_to_each_child():
         "--steps", "10", "--no-generate"]
     with pytest.raises(ValueError, match="trainer must be one of"):
         hf_trainers.run_trainer("keras")
+
+
+def _run(trainer: str, seed: int, after: float, loss: float) -> dict:
+    return {"trainer": trainer, "config": {"seed": seed}, "losses": [1.0, 0.5], "learning_rates": [1e-3, 1e-3],
+            "before": 0.0, "after": after, "heldout_loss_before": 1.0, "heldout_loss_after": loss,
+            "gain_interval_95": [after - 0.05, after], "seconds_per_step": 1.0, "tokens_per_s": 10.0,
+            "peak_memory_bytes": None, "process_max_rss_bytes": 1, "micro_batch": 4, "accumulation": 2,
+            "exact_match_measured": True}
+
+
+def test_side_by_side_verdicts_compare_the_trainers_with_their_own_spread():
+    """The verdict follows the numbers: trainers whose means differ less than one trainer's spread over seeds agree;
+    a gap larger than every trainer's spread is reported as such; one seed gives no verdict."""
+    close = [_run(t, s, 0.9 + 0.04 * s, 0.10 + 0.02 * s) for s in (0, 1) for t in hf_trainers.TRAINERS]
+    verdicts = hf_trainers.side_by_side_verdicts({"figure": hf_trainers._figure(close, hf_trainers.TRAINERS)})
+    assert all("agree within the run-to-run spread" in v for v in verdicts), verdicts
+    apart = [_run(t, s, 0.9 if t == "course" else 0.5, 0.10 if t == "course" else 0.30)
+             for s in (0, 1) for t in hf_trainers.TRAINERS]
+    verdicts = hf_trainers.side_by_side_verdicts({"figure": hf_trainers._figure(apart, hf_trainers.TRAINERS)})
+    assert all("beyond the run-to-run spread" in v for v in verdicts), verdicts
+    one = [_run(t, 0, 0.9, 0.1) for t in hf_trainers.TRAINERS]
+    verdicts = hf_trainers.side_by_side_verdicts({"figure": hf_trainers._figure(one, hf_trainers.TRAINERS)})
+    assert all("no verdict" in v for v in verdicts), verdicts

@@ -273,7 +273,8 @@ def check_lab10(res: dict, smoke: bool) -> None:
     for t in res["trials"]:
         check_trial(t, budget | {"seed": t["seed"]}, scored=False, memory=False)
         assert _finite(t["heldout_templates_loss"]) and t["heldout_templates_loss"] > 0
-        assert t["arm"] in lab10_seeds.ALL_ARMS
+        assert t["arm"] in lab10_seeds.ARM_NAMES
+        assert ("base_format" in t) is (t["arm"] == "quant")
     by_seed = {}
     for t in res["trials"]:
         by_seed.setdefault(t["seed"], []).append(t)
@@ -285,10 +286,12 @@ def check_lab10(res: dict, smoke: bool) -> None:
     for seed, ts in by_seed.items():  # a seed's runs share their batches: the first step sees the same orders
         assert len({t["tokens"] for t in ts if t["arm"] == "methods"}) == 1, seed
     if smoke:
-        assert {t["name"] for t in res["trials"]} == {"full", "lora", "qlora", "qlora, clip 1.0"}
+        assert {t["name"] for t in res["trials"]} == {"full", "lora", "qlora", "qlora, clip 1.0", "nf4 base"}
     assert res["clipping"]["qlora"]["max_grad_norm"] == 0.3
+    target_sets = {t["name"] for t in res["trials"] if t["arm"] == "targets"}
+    assert all(n.split(", r=")[0] in lab3_targets.TARGET_SETS for n in target_sets)
     assert set(res["deferred"]) | {t["name"] for t in res["trials"]} <= {
-        t.name for ts in lab10_seeds.ALL_ARMS.values() for t in ts} | {"few-shot baseline"}
+        t.name for ts in lab10_seeds.ALL_ARMS.values() for t in ts} | target_sets | {"few-shot baseline"}
     fs = res["few_shot"]
     if fs is None:
         assert "few-shot baseline" in res["deferred"] and not smoke

@@ -4,6 +4,7 @@ environment is read in one module, and every function a learner writes starts wi
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 
@@ -27,6 +28,41 @@ def test_import_of_the_package_root_loads_nothing_heavy():
     code = "import sys, qlora_edu; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+_LOOKUPS = """
+import json, os, socket, sys
+lookups = []
+real = socket.getaddrinfo
+socket.getaddrinfo = lambda host, *a, **k: lookups.append(host) or real(host, *a, **k)
+import qlora_edu
+import peft  # imports bitsandbytes, as the course's set-ups do
+import bitsandbytes
+kernels = sys.modules.get("kernels")
+print(json.dumps({"lookups": lookups,
+                  "wrapped": bool(getattr(getattr(kernels, "get_kernel", None), "qlora_edu_offline", False))}))
+"""
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_importing_bitsandbytes_after_the_course_makes_no_network_request(allowed):
+    """bitsandbytes 0.50.2 on a CPU with AVX512-BF16 asks huggingface.co for a kernel when imported; after
+    ``import qlora_edu`` that lookup is refused without a request (qlora_edu/common/offline.py), unless
+    QLORA_EDU_HUB_KERNELS=1. On a CPU without that instruction set bitsandbytes asks nothing either way: the
+    wrapper must still be in place, and never a lookup of the Hub while it is."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "QLORA_EDU_HUB_KERNELS"}
+    if allowed:
+        env["QLORA_EDU_HUB_KERNELS"] = "1"
+    out = subprocess.run([sys.executable, "-c", _LOOKUPS], capture_output=True, text=True, cwd=ROOT, timeout=180,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if allowed:
+        assert result["wrapped"] is False
+    else:
+        assert result["wrapped"] is True and result["lookups"] == [], result
 
 
 def test_every_public_name_resolves_to_its_module():

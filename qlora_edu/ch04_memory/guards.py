@@ -35,6 +35,7 @@ SETTING_DEFAULTS: dict[str, object] = {
     "lora_dropout": 0.05,
     "prepare_kbit": None,             # peft's prepare_model_for_kbit_training: True for qlora, else False
     "attention": "sdpa",
+    "padded": False,                  # the batch holds padding: transformers passes SDPA an explicit mask
     "blocksize": 64,                  # NF4 block size
     "double_quant": True,             # 8-bit constants in blocks of 256 (bnb_4bit_use_double_quant)
     "full_precision": None,           # full fine-tuning: dtype of a master copy of the weights, or None
@@ -156,6 +157,7 @@ def resolve_settings(method: str, gradient_checkpointing: bool, settings: Mappin
     if s["prepare_kbit"] and method == "full":
         raise ValueError("prepare_kbit=True applies to adapter training (method 'lora' or 'qlora'), not 'full'")
     check_choice("attention", s["attention"], ATTENTIONS)
+    check_bool("padded", s["padded"])
     check_power_of_two("blocksize", s["blocksize"], low=32, high=4096)
     check_bool("double_quant", s["double_quant"])
     if s["full_precision"] is not None:
@@ -387,12 +389,15 @@ def check_measure_training_step_args(model, optimizer, batch, steps, max_grad_no
     return batch
 
 
-def check_random_batch_args(config, batch_size, seq_len, seed) -> None:
+def check_random_batch_args(config, batch_size, seq_len, seed, pad=0) -> None:
     """Guard of :func:`qlora_edu.ch04_memory.memory_probe.random_batch`."""
     check_llama_shape("config", config)
     check_int("batch_size", batch_size, low=1)
     check_int("seq_len", seq_len, low=1)
     check_int("seed", seed, low=0)
+    check_int("pad", pad, low=0, high=seq_len - 1)
+    if pad and batch_size < 2:
+        raise ValueError("pad needs batch_size >= 2: the first row stays unpadded (it sets the batch's length)")
 
 
 def check_build_training_model_args(config, method, device, lora_r, lora_alpha, lora_dropout, lora_targets,

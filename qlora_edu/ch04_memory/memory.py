@@ -83,7 +83,8 @@ input per layer and free recomputed tensors as the backward consumes them.
 
 Settings (keywords of :func:`training_memory`; an unknown one raises ``TypeError``):
 ``weight_dtype`` (bf16), ``compute_dtype`` (bf16), ``adapter_dtype`` (fp32), ``lora_dropout`` (0.05),
-``prepare_kbit`` (True for QLoRA), ``attention`` ("sdpa" or "eager"), ``blocksize`` (64), ``double_quant``
+``prepare_kbit`` (True for QLoRA), ``attention`` ("sdpa" or "eager"), ``padded`` (False: see below),
+``blocksize`` (64), ``double_quant``
 (True), ``full_precision`` (None, or a master-weight dtype for full fine-tuning), ``device`` ("cuda", or
 "cpu": the CPU kernels save a float dropout noise instead of a bool mask), ``foreach`` (False),
 ``input_requires_grad`` / ``reentrant`` (derived as above), ``workspace_bytes`` (0; cuBLAS allocates its
@@ -95,8 +96,15 @@ and head back to bf16 after ``prepare``: ``prepare_kbit=False, adapter_dtype=tor
 its float32 norms (``(2 L + 1) h`` weights, about 1 MiB on 7B).
 
 Not modeled: the allocator's fragmentation (``memory_reserved`` > ``memory_allocated``), the CUDA context
-(~0.5 GiB outside torch), a few kernels' internal scratch, attention masks for padded batches (chapter 9's lab 8
-measured the prediction 2.7-7.0% low on padded batches without checkpointing).
+(~0.5 GiB outside torch), a few kernels' internal scratch.
+
+**Padded batches** (``padded=True``: a batch whose attention mask has zeros, as every batch of chapter 8's
+fine-tune): transformers hands SDPA an explicit mask, which changes what attention saves. It repeats k and v
+to every query head (grouped-query attention in SDPA needs ``attention_mask is None``), so k and v are saved
+at ``q`` columns instead of ``kv``, and SDPA converts the boolean mask into an additive one in the query's
+dtype, which every layer saves: ``b * s * s * rd`` (CUDA: the columns padded to a multiple of 8). For the
+course model that is ``2 * (q - kv) + s`` = 889 elements a token a layer at ``s`` = 121: the gap chapter 9's
+lab 8 found before this term existed (2.7-7.0% of the saved bytes without checkpointing).
 """
 
 from __future__ import annotations
@@ -178,6 +186,7 @@ class _Recipe:
     hd: int          # logits (lm_head's dtype)
     dropout: float
     attention: str   # the kernel that runs: "fused", "math" or "eager"
+    padded: bool     # an explicit attention mask (a padded batch) reaches SDPA
     blocksize: int
     double_quant: bool
     cuda: bool
@@ -203,16 +212,25 @@ class _Recipe:
         return nbytes
 
 
-def _attention_kernel(attention: str, cuda: bool, rd: int, gqa: bool) -> str:
+def _attention_kernel(attention: str, cuda: bool, rd: int, gqa: bool, padded: bool) -> str:
     """Which attention code runs. SDPA on CUDA: flash / cuDNN for 16-bit inputs, the memory-efficient
     kernel for float32, but that kernel has no grouped-query support (torch's sdp_utils), so float32 with
     GQA falls back to the math path, which materializes the seq x seq matrix. The CPU flash kernel takes
-    both dtypes and GQA."""
+    both dtypes and GQA. A padded batch (``padded``) gives SDPA an explicit mask: transformers then repeats
+    k and v to every query head itself (``use_gqa_in_sdpa`` is False with a mask), so CUDA runs the
+    memory-efficient kernel (flash takes no mask) in either dtype."""
     if attention == "eager":
         return "eager"
-    if cuda and rd == 4 and gqa:
+    if cuda and rd == 4 and gqa and not padded:
         return "math"
     return "fused"
+
+
+def _mask_columns(rc: _Recipe) -> int:
+    """Columns of the additive mask SDPA keeps per layer for a padded batch: ``seq`` on the CPU; on CUDA the
+    memory-efficient kernel wants its bias's rows aligned, and PyTorch pads them to a multiple of 8 (its
+    ``preprocess_mask``; not yet measured on a GPU by this course)."""
+    return -(-rc.seq // 8) * 8 if rc.cuda else rc.seq
 
 
 def _recipe(shape: LlamaDims, method: str, batch: int, seq: int, r: int, targets: tuple[str, ...], ckpt: bool,
@@ -227,7 +245,8 @@ def _recipe(shape: LlamaDims, method: str, batch: int, seq: int, r: int, targets
                    hd=rd,
                    dropout=float(s["lora_dropout"]),
                    attention=_attention_kernel(s["attention"], s["device"] == "cuda", rd,
-                                               shape.kv_heads != shape.heads),
+                                               shape.kv_heads != shape.heads, s["padded"]),
+                   padded=s["padded"],
                    blocksize=s["blocksize"], double_quant=s["double_quant"], cuda=s["device"] == "cuda",
                    foreach=s["foreach"], input_grad=s["input_requires_grad"], reentrant=s["reentrant"] and ckpt,
                    workspace=s["workspace_bytes"])
@@ -449,12 +468,19 @@ def _layer_saved(shape: LlamaDims, rc: _Recipe, first: bool) -> list[_Saved]:
         lora(name, input_grad, "attn")
     S2 = b * nh * s * s
     if rc.attention == "fused":
-        lse_len = -(-s // 32) * 32 if (rc.cuda and rd == 4) else s  # memory-efficient kernel pads to 32
+        mem_efficient = rc.cuda and (rd == 4 or rc.padded)
+        lse_len = -(-s // 32) * 32 if mem_efficient else s  # the memory-efficient kernel pads to 32
+        # a padded batch: transformers repeats k and v to every query head (no enable_gqa with a mask), and
+        # SDPA turns the boolean mask into an additive one in the query's dtype, saved by every layer
+        kv_saved = q if rc.padded else kv
+        rep = " (repeated for GQA: padded batch)" if rc.padded and kv != q else ""
         saved += [_Saved("attention: q after rotary", T * q * rd, "attn"),
-                  _Saved("attention: k after rotary", T * kv * rd, "attn"),
-                  _Saved("attention: v", T * kv * rd, "attn"),
+                  _Saved("attention: k after rotary" + rep, T * kv_saved * rd, "attn"),
+                  _Saved("attention: v" + rep, T * kv_saved * rd, "attn"),
                   _Saved("attention: output", T * q * rd, "attn"),
                   _Saved("attention: log-sum-exp (float32)", b * nh * lse_len * 4, "attn")]
+        if rc.padded:
+            saved.append(_Saved("attention: additive mask (padded batch)", b * s * _mask_columns(rc) * rd, "attn"))
     else:
         gqa = kv != q
         k_saved = q if (gqa or rc.attention == "math") else kv
@@ -594,6 +620,7 @@ def _attention_backward_extra(rc: _Recipe, shape: LlamaDims) -> int:
     """Temporaries of the attention core's backward: the output gradient, dq/dk/dv, and for the fused CUDA
     kernels a float32 dq accumulator; eager/math attention adds gradients of the seq x seq matrices."""
     T, rd, q, kv, a = rc.tokens, rc.rd, shape.q_dim, shape.kv_dim, rc.alloc
+    kv = q if rc.padded and rc.attention == "fused" else kv  # k and v were repeated to every head
     grads = a(T * q * rd) + a(T * q * rd) + 2 * a(T * kv * rd)
     if rc.attention == "fused":
         return grads + (a(T * q * 4) if rc.cuda else 0)

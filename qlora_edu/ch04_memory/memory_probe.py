@@ -520,14 +520,24 @@ def measure_training_step(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 
 def random_batch(config, batch_size: int, seq_len: int, *, device: str | torch.device = "cpu",
-                 seed: int = 0) -> dict[str, torch.Tensor]:
+                 seed: int = 0, pad: int = 0) -> dict[str, torch.Tensor]:
     """Random token ids ``(batch_size, seq_len)`` below ``config.vocab_size``, with labels = inputs (what
     gpu_probe.py trained on: memory does not depend on the tokens).
 
+    ``pad > 0`` makes a padded batch, as chapter 8's collator does: the last ``pad`` positions of every row but the
+    first are padding (``attention_mask`` 0 there, labels -100). transformers then passes SDPA an explicit mask,
+    which changes what attention saves (predict it with ``training_memory(..., padded=True)``).
+
     Returns:
-        ``{"input_ids": ids, "labels": ids}`` (int64, on ``device``).
+        ``{"input_ids": ids, "labels": ids}`` (int64, on ``device``), with ``"attention_mask"`` when ``pad > 0``.
     """
-    check_random_batch_args(config, batch_size, seq_len, seed)
+    check_random_batch_args(config, batch_size, seq_len, seed, pad)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g, device="cpu").to(device)
-    return {"input_ids": ids, "labels": ids}
+    ids = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=g, device="cpu")
+    if not pad:
+        ids = ids.to(device)
+        return {"input_ids": ids, "labels": ids}
+    mask = torch.ones_like(ids)
+    mask[1:, seq_len - pad:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}

@@ -984,19 +984,21 @@ def heldout_loss(model: nn.Module, tokenizer, examples: Sequence[Example], *, ba
 
 
 def memory_summary(model: nn.Module, optimizer: torch.optim.Optimizer | None, config: FinetuneConfig, *,
-                   seq_len: int, device: str | torch.device = "cpu", peak_bytes: int | None = None) -> dict:
+                   seq_len: int, device: str | torch.device = "cpu", peak_bytes: int | None = None,
+                   padded: bool = True) -> dict:
     """The memory of the run, measured where it can be and predicted where not.
 
     Returns a dict of bytes: ``static`` (:func:`qlora_edu.ch04_memory.memory_probe.static_bytes`: the real tensors of
-    the
-    frozen weights, adapters, gradients and optimizer states now), ``predicted_total`` and ``predicted_parts``
+    the frozen weights, adapters, gradients and optimizer states now), ``predicted_total`` and ``predicted_parts``
     (chapter 4's :func:`qlora_edu.ch04_memory.memory.training_memory` for this model, batch, sequence length, rank and
-    device), ``measured_peak`` (``peak_bytes``: ``torch.cuda.max_memory_allocated`` on a GPU, else None) and
+    device; ``padded``: the batch holds padding, as the collator's batches do unless every example has the same
+    length: transformers' attention then saves more), ``measured_peak`` (``peak_bytes``:
+    ``torch.cuda.max_memory_allocated`` on a GPU, else None) and
     ``process_max_rss`` (the process's peak resident memory, everything included: Python, libraries, data).
     If the prediction fails (a model shape chapter 4's model does not cover), ``predicted_*`` are None / empty
     and ``prediction_error`` says why; otherwise ``prediction_error`` is None.
     """
-    device = check_memory_summary_args(model, optimizer, config, seq_len, device, peak_bytes, OPTIMIZERS)
+    device = check_memory_summary_args(model, optimizer, config, seq_len, device, peak_bytes, OPTIMIZERS, padded)
     from qlora_edu.ch04_memory.memory_probe import static_bytes
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
@@ -1009,7 +1011,7 @@ def memory_summary(model: nn.Module, optimizer: torch.optim.Optimizer | None, co
         predicted = training_memory(model.config, "qlora", batch_size=config.batch_size, seq_len=seq_len,
                                     lora_r=config.lora_r, lora_targets=config.target_modules,
                                     gradient_checkpointing=config.gradient_checkpointing, optimizer=config.optimizer,
-                                    lora_dropout=config.lora_dropout, device=device.type)
+                                    lora_dropout=config.lora_dropout, device=device.type, padded=padded)
     except Exception as err:  # any failure of the prediction becomes a message, not a crash
         out["prediction_error"] = (f"chapter 4's training_memory could not predict this set-up "
                                    f"({type(err).__name__}: {err}); the measured numbers above still hold")
@@ -1315,8 +1317,10 @@ def run_finetune(*, model: str | None = None, device: str | None = None, dtype: 
         log(f"after: {sum(after.correct)}/{after.n} correct ({after.seconds:.1f} s)")
         adapter = save_adapter(qmodel, output_dir / ADAPTER)
     gain, low, high = paired_bootstrap_interval(before.correct, after.correct)
-    memory = memory_summary(qmodel, result.optimizer, config, seq_len=max(result.widths), device=compute.device,
-                            peak_bytes=result.peak_memory_bytes)
+    width = max(result.widths)  # the widest batch trained: the one the peak belongs to (padded unless full)
+    padded = any(n < config.batch_size * w for n, w in zip(result.tokens, result.widths, strict=True) if w == width)
+    memory = memory_summary(qmodel, result.optimizer, config, seq_len=width, device=compute.device,
+                            peak_bytes=result.peak_memory_bytes, padded=padded)
     measured, predicted = memory["measured_peak"], memory["predicted_total"]
     error = 100 * (predicted - measured) / measured if measured and predicted is not None else None
     summary = {"before": before.score, "after": after.score, "n_eval": before.n, "gain": gain,
@@ -1328,7 +1332,8 @@ def run_finetune(*, model: str | None = None, device: str | None = None, dtype: 
                or "SmolLM2-135M-Instruct (bundled)", "method": method, "adapter": str(adapter),
                "checkpoint": str(result.checkpoint), "load_average": load,
                "peak_memory_bytes": measured, "predicted_memory_bytes": predicted,
-               "predicted_memory_batch": [config.batch_size, max(result.widths)], "memory_error_percent": error,
+               "predicted_memory_batch": [config.batch_size, width], "predicted_memory_padded": padded,
+               "memory_error_percent": error,
                "memory_prediction_failure": memory["prediction_error"],
                "process_max_rss_bytes": memory["process_max_rss"], "config": config.to_dict()}
     return _json_value(summary)

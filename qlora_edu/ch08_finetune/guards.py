@@ -369,7 +369,7 @@ def check_inference_mode_args(model: object) -> None:
 
 
 def check_memory_summary_args(model: object, optimizer: object, config: object, seq_len: object, device: object,
-                              peak_bytes: object, optimizers: tuple[str, ...]) -> torch.device:
+                              peak_bytes: object, optimizers: tuple[str, ...], padded: object = True) -> torch.device:
     check_model(model)
     if optimizer is not None:
         check_optimizer(optimizer)
@@ -378,6 +378,7 @@ def check_memory_summary_args(model: object, optimizer: object, config: object, 
     device, _ = check_default_config_args(device, None)
     if peak_bytes is not None:
         check_int("peak_bytes", peak_bytes, low=0)
+    check_bool("padded", padded)
     return device
 
 

@@ -587,6 +587,34 @@ def _figure(runs: list[dict], trainers: Sequence[str]) -> dict:
     return figure
 
 
+def side_by_side_verdicts(results: dict) -> list[str]:
+    """What a side-by-side results file (:func:`side_by_side`) allows one to say, worded as its data allow: for the
+    held-out loss and (when measured) the exact-match score after training, the range of the trainers' means against
+    the largest range one trainer shows over its seeds. Between-trainer differences no larger than that are "within
+    the run-to-run spread"; with one seed there is no spread to compare with, and the verdict says so."""
+    spread, n = results["figure"]["spread"], results["figure"]["spread"]["n_seeds"]
+    seeds = f"{n} seed{'s' if n != 1 else ''}"
+    out = []
+    for what, between, within, fmt in (
+            ("held-out loss", spread["heldout_loss_between_trainer_means_range"],
+             spread["heldout_loss_within_trainer_max_range"], ".4f"),
+            ("exact match after", spread["after_between_trainer_means_range"],
+             spread["after_within_trainer_max_range"], ".1%")):
+        if between is None:
+            out.append(f"{what}: not measured")
+        elif n < 2:
+            out.append(f"{what}: the trainers' values span {between:{fmt}}; one seed, so no run-to-run spread to "
+                       "compare with: no verdict")
+        elif between <= within:
+            out.append(f"{what}: the trainers' means span {between:{fmt}}, within the largest spread of one trainer "
+                       f"over {seeds} ({within:{fmt}}): the trainers agree within the run-to-run spread")
+        else:
+            out.append(f"{what}: the trainers' means span {between:{fmt}}, more than the largest spread of one "
+                       f"trainer over {seeds} ({within:{fmt}}): a difference beyond the run-to-run spread seen "
+                       f"here ({seeds} is a small sample of that spread)")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # The command line
 

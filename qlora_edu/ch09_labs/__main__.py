@@ -9,7 +9,7 @@
     python -m qlora_edu.ch09_labs lab7     # loss curves and the spectrum of dW         -> lab7_dynamics.json
     python -m qlora_edu.ch09_labs lab8     # the adapters' activations                  -> lab8_activations.json
     python -m qlora_edu.ch09_labs lab9     # trials per 24 GB GPU; an lr x rank sweep   -> lab9_sweeps.json
-    python -m qlora_edu.ch09_labs lab10    # labs 1-2 over seeds; held-out templates      -> lab10_seeds.json
+    python -m qlora_edu.ch09_labs lab10    # labs 1-4 over seeds; held-out templates      -> lab10_seeds.json
     python -m qlora_edu.ch09_labs all      # the ten, in order (later labs reuse earlier labs' trials)
 """
 

@@ -1,6 +1,6 @@
-"""Lab 10: do labs 1-3's verdicts hold over seeds? And is chapter 8's gain more than formatting?
+"""Lab 10: do labs 1-4's verdicts hold over seeds? And is chapter 8's gain more than formatting?
 
-Labs 1-3 compare methods from one seed each: their intervals (a paired bootstrap over the 100 held-out orders)
+Labs 1-4 compare methods from one seed each: their intervals (a paired bootstrap over the 100 held-out orders)
 measure how much the *test set* could move the difference between two fixed trained models, not how much the
 models themselves move from one run to the next. This lab re-runs the comparisons at several seeds (each seed
 changes the adapters' initialization, the batch order and dropout) and reports the spread over seeds, leading with
@@ -12,7 +12,11 @@ the held-out loss (teacher-forced, on :attr:`Budget.loss_size` orders: smooth, a
 * ``rank``: lab 2 kept alpha = 16, so its scale alpha / r fell 16x from r = 8 to r = 128 and rank and scale moved
   together. Here the rank moves alone: r in {8, 128} at a fixed ``alpha / r = 1`` (alpha = r), and at rsLoRA's
   fixed ``alpha / sqrt(r) = 4`` (Kalajdzievski 2023: the scale that keeps the update's size steady as r grows);
-  both families pass through r = 16, alpha = 16, which is the ``methods`` QLoRA run.
+  both families pass through r = 16, alpha = 16, which is the ``methods`` QLoRA run;
+* ``quant``: lab 4 over seeds: the same LoRA on a base fake-quantized to NF4 (with double quantization), FP4 or
+  Int4 (:attr:`~qlora_edu.ch09_labs.trials.Trial.base_format`), against the ``methods`` LoRA run on the bf16 base;
+* ``targets``: lab 3 over seeds: QLoRA on q,v / q,k,v,o / all seven projections at an equal trainable budget
+  (:func:`all_arms`); all seven at r = 8, alpha = 8 is the ``rank`` arm's first run.
 
 Every trial is also scored, teacher-forced, on the ``heldout_templates`` split (sentences, items and remarks that
 never occur in training: :func:`qlora_edu.ch08_finetune.instruct_data.generate_heldout_templates`).
@@ -21,11 +25,10 @@ And the baseline chapter 8's "0% -> 99%" needs: the base model prompted with :da
 examples before each order (:func:`few_shot_example`), scored exactly on both held-out splits, beside the same
 model asked zero-shot. A fine-tuned model that scores far above the few-shot base has learned more than the format.
 
-**What the committed run holds.** The machine it ran on (two CPU cores shared by many jobs, a trial about four
-minutes of wall time) allowed LoRA and QLoRA at three seeds and the few-shot baseline before the deadline
-(:data:`RUN_NAMES`); the other arms are :data:`DEFERRED` (written, smoke-tested in CI, listed in the results file's
-``"deferred"``): add them to :data:`RUN_NAMES` / set :data:`RUN_FEW_SHOT` and re-run ``python -m qlora_edu.ch09_labs
-lab10`` (finished trials are cached and reused).
+**What the committed run holds.** Every arm at three seeds, and the few-shot baseline: the first committed run (two
+CPU cores shared by many jobs) afforded only LoRA and QLoRA; the second ran the rest on the same budget, its
+finished trials reused (a trial is a pure function of its settings, budget and model: :func:`~qlora_edu.ch09_labs.
+trials.run_trial`). ``python -m qlora_edu.ch09_labs lab10`` re-runs it; :data:`RUN_NAMES` narrows it.
 """
 
 from __future__ import annotations
@@ -43,15 +46,17 @@ from qlora_edu.ch09_labs.common import Budget, Context
 from qlora_edu.ch09_labs.lab1_methods import FULL_LRS
 from qlora_edu.ch09_labs.trials import ADAPTER_LR, EVAL_BATCH, Trial, run_trial, trials_bar
 
-QUESTION = ("Labs 1-3 over seeds (held-out loss, also on held-out templates): methods, clipping 0.3 vs 1.0, rank at "
-            "fixed alpha/r and rsLoRA's alpha/sqrt(r); a few-shot prompting baseline")
+QUESTION = ("Labs 1-4 over seeds (held-out loss, also on held-out templates): methods, clipping 0.3 vs 1.0, rank at "
+            "fixed alpha/r and rsLoRA's alpha/sqrt(r), NF4/FP4/Int4/bf16 bases, target sets; a few-shot prompting "
+            "baseline")
 #: A third of lab 1's steps and a quarter of its held-out orders, no generation: what the seeds cost on two CPU
 #: cores shared by many jobs (a trial took about 9 minutes of wall time at 18% of a core); the notebook says so
 #: beside every figure.
 FULL = Budget(steps=8, batch_size=4, eval_size=0, loss_size=24)
 SMOKE = Budget(steps=2, batch_size=2, eval_size=0, loss_size=4, max_new_tokens=8)
 SEEDS = (0, 1, 2)
-#: Every arm this lab defines (a run cut short keeps what finished: every trial is cached).
+#: Every arm this lab defines with fixed trials (a run cut short keeps what finished: every trial is cached). Lab 3's
+#: target sets depend on the model's shapes (their equal-budget ranks): :func:`all_arms` adds them as ``"targets"``.
 ALL_ARMS: dict[str, tuple[Trial, ...]] = {
     "methods": (Trial("lora", "lora", ADAPTER_LR), Trial("qlora", "qlora", ADAPTER_LR),
                 Trial("full", "full", FULL_LRS[0])),
@@ -60,13 +65,30 @@ ALL_ARMS: dict[str, tuple[Trial, ...]] = {
              Trial("r=128, alpha=128", "qlora", ADAPTER_LR, r=128, alpha=128.0),
              Trial("r=8, alpha=4 sqrt(8)", "qlora", ADAPTER_LR, r=8, alpha=round(4 * math.sqrt(8), 4)),
              Trial("r=128, alpha=4 sqrt(128)", "qlora", ADAPTER_LR, r=128, alpha=round(4 * math.sqrt(128), 4))),
+    # lab 4 over seeds: the same LoRA (the "lora" trial is the bf16 base) on bases fake-quantized in each format
+    "quant": tuple(Trial(f"{fmt} base", "lora", ADAPTER_LR, base_format=fmt) for fmt in ("nf4", "fp4", "int4")),
 }
-#: The trials the committed full run made: what the shared machine allowed before the deadline (LoRA and QLoRA at
-#: three seeds). The rest of :data:`ALL_ARMS` is :data:`DEFERRED`: written down, smoke-tested, not yet run in full
-#: (``python -m qlora_edu.ch09_labs lab10`` runs them once they are added here; the results file lists them).
-RUN_NAMES = ("lora", "qlora")
-ARMS = {arm: kept for arm, ts in ALL_ARMS.items() if (kept := tuple(t for t in ts if t.name in RUN_NAMES))}
-DEFERRED = [t.name for ts in ALL_ARMS.values() for t in ts if t.name not in RUN_NAMES]
+ARM_NAMES = (*ALL_ARMS, "targets")
+
+
+def all_arms(ctx: Context) -> dict[str, tuple[Trial, ...]]:
+    """:data:`ALL_ARMS` plus lab 3 over seeds (``"targets"``): QLoRA on q,v / q,k,v,o / all seven projections, each
+    at the rank that gives all seven's trainable parameters at r = 8 (:func:`~qlora_edu.ch09_labs.lab3_targets.
+    equal_budget_ranks`), alpha = r; lab 3's names, so the records read alike."""
+    from qlora_edu.ch09_labs.lab3_targets import TARGET_SETS, equal_budget_ranks
+    from qlora_edu.ch09_labs.trials import model_config
+
+    ranks = equal_budget_ranks(model_config(ctx))
+    targets = tuple(Trial(f"{name}, r={ranks[name]}", "qlora", ADAPTER_LR, r=ranks[name], alpha=float(ranks[name]),
+                          targets=tuple(sets)) for name, sets in TARGET_SETS.items())
+    return {**ALL_ARMS, "targets": targets}
+
+
+#: The trials the committed full run made, by name (None: every arm). The first committed run (three seeds of LoRA
+#: and QLoRA) left the rest deferred; the second ran them all.
+RUN_NAMES: tuple[str, ...] | None = None
+#: Arms the full run leaves out (written down, smoke-tested; listed in the results file's ``"deferred"``).
+DEFERRED: list[str] = []
 #: Solved training examples shown before each order in the few-shot baseline, and the orders it scores per split.
 FEW_SHOT = 3
 FEW_SHOT_EVAL = 30
@@ -143,9 +165,14 @@ def run_few_shot(ctx: Context, budget: Budget) -> dict:
 def run(ctx: Context, budget: Budget) -> dict:
     seeds = SEEDS[:1] if ctx.smoke else SEEDS
     # the smoke run exercises every kind of arm (full fine-tuning, clipping) whatever the full run could afford
-    arms = {"methods": ALL_ARMS["methods"], "clipping": ALL_ARMS["clipping"]} if ctx.smoke else ARMS
+    # (and one base of lab 4's): what the full run could afford does not limit what CI checks
+    defined = all_arms(ctx)
+    arms = ({"methods": defined["methods"], "clipping": defined["clipping"], "quant": defined["quant"][:1]}
+            if ctx.smoke else {arm: kept for arm, ts in defined.items()
+                               if (kept := tuple(t for t in ts if RUN_NAMES is None or t.name in RUN_NAMES))})
     # the order they run in, most needed first (a run cut short keeps what finished: every trial is cached):
-    # LoRA and QLoRA at every seed, the few-shot baseline, clipping, full fine-tuning, the ranks
+    # LoRA and QLoRA at every seed, the few-shot baseline, clipping, full fine-tuning, the ranks, the bases, the
+    # target sets
     adapters = [("methods", t, s) for t in arms["methods"] if t.method != "full" for s in seeds]
     full = [("methods", t, s) for t in arms["methods"] if t.method == "full" for s in seeds]
     others = {arm: [(arm, t, s) for s in seeds for t in ts] for arm, ts in arms.items() if arm != "methods"}
@@ -169,7 +196,11 @@ def run(ctx: Context, budget: Budget) -> dict:
         m in r for r in runs.values())} for name, runs in by.items()}
     pairs = [("lora", "qlora"), ("full", "lora"), ("full", "qlora"), ("qlora", "qlora, clip 1.0"),
              ("r=8, alpha=8", "r=128, alpha=128"), ("r=8, alpha=4 sqrt(8)", "r=128, alpha=4 sqrt(128)"),
-             ("r=8, alpha=8", "qlora"), ("qlora", "r=128, alpha=128")]
+             ("r=8, alpha=8", "qlora"), ("qlora", "r=128, alpha=128"),
+             ("lora", "nf4 base"), ("lora", "fp4 base"), ("lora", "int4 base"), ("nf4 base", "int4 base"),
+             ("nf4 base", "fp4 base")]
+    target_names = [t.name for t in arms.get("targets", ())]
+    pairs += [(target_names[-1], name) for name in target_names[:-1]]  # each set against all seven
     paired = [p for a, b in pairs for m in ("heldout_loss", "heldout_templates_loss")
               if (p := paired_over_seeds(by, a, b, m)) is not None]
     clip = {name: {"clipped_steps": sum(g > runs[s]["max_grad_norm"] for s in runs for g in runs[s]["grad_norms"]),
@@ -223,6 +254,15 @@ def verdicts(res: dict) -> list[str]:
         if all(n in summary for n in names):
             out.append(f"rank at a fixed {family}, held-out loss over seeds: " + "; ".join(
                 f"r = {r} {_pm(summary[n]['heldout_loss'])}" for r, n in zip((8, 16, 128), names, strict=True)))
+    bases = ("lora", "nf4 base", "fp4 base", "int4 base")
+    if all(n in summary for n in bases):
+        out.append("LoRA on a base stored as bf16 / NF4 / FP4 / Int4 (lab 4 over seeds), held-out loss: " + "; ".join(
+            f"{label} {_pm(summary[n]['heldout_loss'])}" for label, n in zip(
+                ("bf16", "NF4", "FP4", "Int4"), bases, strict=True)))
+    sets = [n for n in summary if n.split(", r=")[0] in ("q,v", "q,k,v,o", "all seven")]
+    if len(sets) > 1:
+        out.append("target sets at an equal trainable budget (lab 3 over seeds), held-out loss: "
+                   + "; ".join(f"{n} {_pm(summary[n]['heldout_loss'])}" for n in sets))
     for p in res["paired"]:
         what = "held-out loss" if p["measure"] == "heldout_loss" else "held-out-templates loss"
         out.append(f"{p['b']} minus {p['a']}, {what}, seed by seed: "

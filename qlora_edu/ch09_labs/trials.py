@@ -71,6 +71,9 @@ class Trial:
     targets: tuple[str, ...] = LLAMA_TARGETS
     dropout: float = 0.05
     max_grad_norm: float = 0.3  # the recipe's clipping threshold (lab 10 compares 1.0)
+    #: ``lora`` only: train on a base whose linear weights hold ``dequantize(quantize(W))`` in this 4-bit format
+    #: (lab 4's :func:`~qlora_edu.ch09_labs.lab4_quant.fake_quantizer`: "nf4", "fp4" or "int4"); None: the base as is.
+    base_format: str | None = None
 
     def config(self, budget: Budget) -> FinetuneConfig:
         """Chapter 8's :class:`FinetuneConfig` for this trial: the recipe's warm-up and clipping, torch's AdamW."""
@@ -80,12 +83,27 @@ class Trial:
                               max_new_tokens=budget.max_new_tokens, max_grad_norm=self.max_grad_norm)
 
 
-def build_model(method: str, config: FinetuneConfig, ctx: Context) -> nn.Module:
+def build_model(method: str, config: FinetuneConfig, ctx: Context, base_format: str | None = None) -> nn.Module:
     """The model to train for ``method`` (see the module docstring), on ``ctx``'s device, adapters seeded with
     ``config.seed`` (LoRA and QLoRA start from the same A matrices): QLoRA is chapter 8's
     :func:`~qlora_edu.ch08_finetune.finetune.load_qlora_model`, the others the course's one set-up
-    (:func:`qlora_edu.common.training_setup.load_for_training`), with reentrant checkpointing as peft sets it up."""
-    if method == "qlora":
+    (:func:`qlora_edu.common.training_setup.load_for_training`), with reentrant checkpointing as peft sets it up.
+    ``base_format`` (LoRA only): the same set-up on a base fake-quantized in that format (:attr:`Trial.base_format`)."""
+    if base_format is not None:
+        if method != "lora":
+            raise ValueError(f"base_format applies to method 'lora' only, got method {method!r}")
+        from qlora_edu.ch09_labs.lab4_quant import fake_quantizer
+        from qlora_edu.common.base_model import load_base_model
+        from qlora_edu.common.perplexity import replace_linear_weights
+        from qlora_edu.common.training_setup import setup_training
+
+        model, _ = load_base_model(ctx.model_path, dtype=ctx.compute.dtype, progress=False,
+                                   device=ctx.compute.device if ctx.compute.device.type == "cuda" else None)
+        replace_linear_weights(model, fake_quantizer(base_format), progress=False)
+        model = setup_training(model, "lora", compute_dtype=ctx.compute.dtype, r=config.lora_r,
+                               alpha=config.lora_alpha, dropout=config.lora_dropout, targets=config.target_modules,
+                               seed=config.seed)
+    elif method == "qlora":
         model, _ = load_qlora_model(ctx.model_path, config=config, compute=ctx.compute, progress=False)
     else:
         model, _ = load_for_training(
@@ -179,7 +197,10 @@ def lora_factors(model: nn.Module) -> dict[tuple[int, str], tuple[torch.Tensor, 
 def _trial_id(trial: Trial, budget: Budget, ctx: Context) -> str:
     """A file name for a trial's run: a hash of everything that determines it (the trial without its display name,
     the budget, the model)."""
-    text = json.dumps([asdict(replace(trial, name="")), asdict(budget), ctx.model_name], sort_keys=True)
+    fields = asdict(replace(trial, name=""))
+    if fields["base_format"] is None:  # trials from before the field existed keep their names
+        del fields["base_format"]
+    text = json.dumps([fields, asdict(budget), ctx.model_name], sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -216,7 +237,7 @@ def run_trial(trial: Trial, budget: Budget, ctx: Context, *, score: bool = True,
         return {**json.loads(json.dumps(record)), "name": trial.name, "reused_from": lab}
     config = trial.config(budget)
     began, cpu_began = time.perf_counter(), time.process_time()
-    model = build_model(trial.method, config, ctx)
+    model = build_model(trial.method, config, ctx, trial.base_format)
     before = projection_weights(model) if keep_update and trial.method == "full" else None
     n_trainable = trainable_parameters(model)
     train_cpu = time.process_time()
@@ -227,6 +248,7 @@ def run_trial(trial: Trial, budget: Budget, ctx: Context, *, score: bool = True,
         "r": None if trial.method == "full" else trial.r, "alpha": None if trial.method == "full" else trial.alpha,
         "targets": None if trial.method == "full" else list(trial.targets), "max_grad_norm": trial.max_grad_norm,
         "seed": budget.seed, "trainable_params": n_trainable,
+        **({} if trial.base_format is None else {"base_format": trial.base_format}),
         "losses": [round(x, 5) for x in result.losses], "grad_norms": [round(x, 4) for x in result.grad_norms],
         "train_seconds": round(result.seconds, 2), "seconds_per_step": round(result.seconds_per_step, 3),
         "train_cpu_seconds": round(train_cpu, 2), "tokens": int(sum(result.tokens)),
@@ -310,7 +332,8 @@ def offer_recorded_trials(ctx: Context, budget: Budget) -> int:
                 continue
             trial = Trial("", t["method"], t["lr"], r=t["r"] or Trial.r, alpha=t["alpha"] or Trial.alpha,
                           targets=tuple(t["targets"] or LLAMA_TARGETS),
-                          max_grad_norm=t.get("max_grad_norm", Trial.max_grad_norm))
+                          max_grad_norm=t.get("max_grad_norm", Trial.max_grad_norm),
+                          base_format=t.get("base_format"))
             record = {k: v for k, v in t.items() if k not in LAB_FIELDS}
             for memory in {"memory" in t, False}:
                 key = (trial, budget, "score" in t, memory)

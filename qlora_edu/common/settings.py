@@ -7,6 +7,7 @@
 | ``QLORA_EDU_DTYPE`` | :func:`dtype_override` | force ``float32``, ``bfloat16`` or ``float16`` |
 | ``QLORA_EDU_MODEL`` | :func:`model_override` | a hub id or local folder instead of the bundled model |
 | ``QLORA_EDU_CACHE`` | :func:`cache_override` | the folder of the converted bundled model |
+| ``QLORA_EDU_HUB_KERNELS`` | :func:`hub_kernels_allowed` | ``1``: bitsandbytes may fetch a CPU kernel at import |
 | ``NO_COLOR`` | :func:`no_color` | any non-empty value: no ANSI colours in terminal reports (https://no-color.org) |
 | ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` | :func:`torchrun_ranks` | set by ``torchrun`` for each process it starts |
 
@@ -26,6 +27,7 @@ DEVICE_ENV = "QLORA_EDU_DEVICE"
 DTYPE_ENV = "QLORA_EDU_DTYPE"
 MODEL_ENV = "QLORA_EDU_MODEL"
 CACHE_ENV = "QLORA_EDU_CACHE"
+HUB_KERNELS_ENV = "QLORA_EDU_HUB_KERNELS"
 NO_COLOR_ENV = "NO_COLOR"
 
 
@@ -65,6 +67,11 @@ def model_override() -> str | None:
 def cache_override() -> str | None:
     """``QLORA_EDU_CACHE``: where the converted bundled model is kept, or None for the default."""
     return _read(CACHE_ENV)
+
+
+def hub_kernels_allowed() -> bool:
+    """``QLORA_EDU_HUB_KERNELS=1``: bitsandbytes may ask the Hugging Face Hub for its CPU kernel at import."""
+    return _read(HUB_KERNELS_ENV) == "1"
 
 
 def child_environment(**overrides: str) -> dict[str, str]:
