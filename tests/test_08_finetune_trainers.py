@@ -131,3 +131,24 @@ def test_side_by_side_verdicts_compare_the_trainers_with_their_own_spread():
     one = [_run(t, 0, 0.9, 0.1) for t in hf_trainers.TRAINERS]
     verdicts = hf_trainers.side_by_side_verdicts({"figure": hf_trainers._figure(one, hf_trainers.TRAINERS)})
     assert all("no verdict" in v for v in verdicts), verdicts
+
+
+def test_committed_side_by_side_is_a_full_run_at_several_seeds():
+    """The run lesson 8 reads: full mode, every trainer at the same two or more seeds, exact match measured before
+    and after with its interval, and the lesson's verdicts computed from it."""
+    import json
+
+    from conftest import ROOT
+
+    results = json.loads((ROOT / "notebooks" / "results" / "08_trainers.json").read_text())
+    header, runs = results["header"], results["runs"]
+    assert header["mode"] == "full" and len(header["budget"]["seeds"]) >= 2
+    assert {(r["trainer"], r["config"]["seed"]) for r in runs} == {
+        (t, s) for t in hf_trainers.TRAINERS for s in header["budget"]["seeds"]}
+    for r in runs:
+        assert r["exact_match_measured"] and r["n_eval"] == header["budget"]["eval_size"]
+        low, high = r["gain_interval_95"]
+        assert low <= r["gain"] <= high and 0 <= r["before"] <= 1 and 0 <= r["after"] <= 1
+        assert len(r["losses"]) == header["budget"]["steps"]
+    assert results["figure"] == hf_trainers._figure(runs, hf_trainers.TRAINERS)
+    assert len(hf_trainers.side_by_side_verdicts(results)) == 2

@@ -15,6 +15,8 @@ the held-out loss (teacher-forced, on :attr:`Budget.loss_size` orders: smooth, a
   both families pass through r = 16, alpha = 16, which is the ``methods`` QLoRA run;
 * ``quant``: lab 4 over seeds: the same LoRA on a base fake-quantized to NF4 (with double quantization), FP4 or
   Int4 (:attr:`~qlora_edu.ch09_labs.trials.Trial.base_format`), against the ``methods`` LoRA run on the bf16 base;
+* ``lr`` (seed 0 only): each method at 0.3x and at 3x its learning rate, a sensitivity check of the
+  untuned rates (does the methods' order change?), not a tuning: the comparisons above keep lab 1's rates;
 * ``targets``: lab 3 over seeds: QLoRA on q,v / q,k,v,o / all seven projections at an equal trainable budget
   (:func:`all_arms`); all seven at r = 8, alpha = 8 is the ``rank`` arm's first run.
 
@@ -67,7 +69,13 @@ ALL_ARMS: dict[str, tuple[Trial, ...]] = {
              Trial("r=128, alpha=4 sqrt(128)", "qlora", ADAPTER_LR, r=128, alpha=round(4 * math.sqrt(128), 4))),
     # lab 4 over seeds: the same LoRA (the "lora" trial is the bf16 base) on bases fake-quantized in each format
     "quant": tuple(Trial(f"{fmt} base", "lora", ADAPTER_LR, base_format=fmt) for fmt in ("nf4", "fp4", "int4")),
+    # the learning rates were fixed, not tuned: does 0.3x or 3x the rate change the methods' order? (seed 0)
+    "lr": tuple(Trial(f"{method}, lr {lr:g}", method, lr)
+                for method, base in (("full", FULL_LRS[0]), ("lora", ADAPTER_LR), ("qlora", ADAPTER_LR))
+                for lr in (round(base * 0.3, 12), round(base * 3, 12))),
 }
+#: Arms run at fewer seeds than :data:`SEEDS` (the learning-rate check is a sensitivity check on one seed).
+ARM_SEEDS = {"lr": 1}
 ARM_NAMES = (*ALL_ARMS, "targets")
 
 
@@ -175,7 +183,8 @@ def run(ctx: Context, budget: Budget) -> dict:
     # target sets
     adapters = [("methods", t, s) for t in arms["methods"] if t.method != "full" for s in seeds]
     full = [("methods", t, s) for t in arms["methods"] if t.method == "full" for s in seeds]
-    others = {arm: [(arm, t, s) for s in seeds for t in ts] for arm, ts in arms.items() if arm != "methods"}
+    others = {arm: [(arm, t, s) for s in seeds[:ARM_SEEDS.get(arm, len(seeds))] for t in ts]
+              for arm, ts in arms.items() if arm != "methods"}
     planned = adapters + others.pop("clipping", []) + full + [x for rest in others.values() for x in rest]
     records: list[dict] = []
     few_shot = spectrum = None
@@ -259,6 +268,17 @@ def verdicts(res: dict) -> list[str]:
         out.append("LoRA on a base stored as bf16 / NF4 / FP4 / Int4 (lab 4 over seeds), held-out loss: " + "; ".join(
             f"{label} {_pm(summary[n]['heldout_loss'])}" for label, n in zip(
                 ("bf16", "NF4", "FP4", "Int4"), bases, strict=True)))
+    lr_runs = {t["name"]: t for t in res["trials"] if t["arm"] == "lr"}
+    if lr_runs:
+        seed = next(iter(lr_runs.values()))["seed"]
+        at = {t["name"]: t for t in res["trials"] if t["seed"] == seed and t["arm"] == "methods"}
+        rows = []
+        for method in ("full", "lora", "qlora"):
+            mine = sorted([t for t in lr_runs.values() if t["method"] == method] + ([at[method]] if method in at
+                                                                                  else []), key=lambda t: t["lr"])
+            if mine:
+                rows.append(f"{method} " + ", ".join(f"{t['lr']:g}: {t['heldout_loss']:.4f}" for t in mine))
+        out.append(f"learning rate x0.3, x1, x3 (seed {seed} only), held-out loss: " + "; ".join(rows))
     sets = [n for n in summary if n.split(", r=")[0] in ("q,v", "q,k,v,o", "all seven")]
     if len(sets) > 1:
         out.append("target sets at an equal trainable budget (lab 3 over seeds), held-out loss: "
