@@ -152,3 +152,31 @@ def test_committed_side_by_side_is_a_full_run_at_several_seeds():
         assert len(r["losses"]) == header["budget"]["steps"]
     assert results["figure"] == hf_trainers._figure(runs, hf_trainers.TRAINERS)
     assert len(hf_trainers.side_by_side_verdicts(results)) == 2
+
+
+def test_merge_joins_parts_of_the_same_budget(tmp_path):
+    import json
+
+    def part(seeds, command):
+        runs = [_run(t, s, 0.8, 0.1) | {"config": {"seed": s}} for s in seeds for t in hf_trainers.TRAINERS]
+        header = {"model": "m", "device": "cpu", "dtype": "bfloat16", "mode": "full", "wall_seconds": 10.0,
+                  "cpu_seconds": 9.0, "load_average_start": [1.0], "load_average_end": [2.0], "command": command,
+                  "created_utc": "2026-12-04T00:00:00Z",
+                  "budget": {"steps": 2, "batch_size": 8, "eval_size": 4, "seeds": list(seeds)}}
+        return {"header": header, "runs": runs, "figure": hf_trainers._figure(runs, hf_trainers.TRAINERS)}
+
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(part([0, 1], "first")))
+    b.write_text(json.dumps(part([2], "second")))
+    merged = hf_trainers.merge_results([a, b], out=tmp_path / "m.json")
+    assert merged["header"]["budget"]["seeds"] == [0, 1, 2] and merged["header"]["wall_seconds"] == 20.0
+    assert [p["command"] for p in merged["header"]["parts"]] == ["first", "second"]
+    assert merged["figure"]["spread"]["n_seeds"] == 3
+    assert json.loads((tmp_path / "m.json").read_text()) == merged
+    with pytest.raises(ValueError, match="twice"):
+        hf_trainers.merge_results([a, a], out=tmp_path / "x.json")
+    other = part([3], "third")
+    other["header"]["budget"]["steps"] = 3
+    c.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="budget"):
+        hf_trainers.merge_results([a, c], out=tmp_path / "x.json")

@@ -548,6 +548,45 @@ def side_by_side(argv: Sequence[str], *, trainers: Sequence[str] = TRAINERS, see
     return results
 
 
+def merge_results(paths: Sequence[str | Path], out: str | Path = RESULTS_FILE) -> dict:
+    """One side-by-side results file from runs made in parts (the same budget, other seeds: six CPU runs do not fit
+    one sitting), written to ``out``: the runs joined, ``figure`` recomputed from them, the header's seeds joined,
+    its wall and CPU seconds summed, and each part's command, date and wall time kept in ``header["parts"]``.
+
+    Raises:
+        ValueError: the parts differ in model, device, dtype or budget (seeds aside), or repeat a trainer's seed.
+    """
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    if len(parts) < 2:
+        raise ValueError(f"paths: give two or more results files to merge, got {len(parts)}")
+    first = parts[0]["header"]
+    same = ("model", "device", "dtype", "mode")
+    for part in parts[1:]:
+        h = part["header"]
+        if any(h[k] != first[k] for k in same) or {**h["budget"], "seeds": None} != {**first["budget"], "seeds": None}:
+            raise ValueError("paths: the parts must share model, device, dtype, mode and budget (seeds aside); "
+                             f"{h['command']!r} differs from {first['command']!r}")
+    runs = [r for part in parts for r in part["runs"]]
+    keys = [(r["trainer"], r["config"]["seed"]) for r in runs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"paths: a trainer's seed appears twice: {sorted(k for k in keys if keys.count(k) > 1)}")
+    runs.sort(key=lambda r: (r["config"]["seed"], TRAINERS.index(r["trainer"])))
+    header = {**first, "budget": {**first["budget"], "seeds": sorted({r["config"]["seed"] for r in runs})},
+              "wall_seconds": round(sum(p["header"]["wall_seconds"] for p in parts), 1),
+              "cpu_seconds": round(sum(p["header"]["cpu_seconds"] for p in parts), 1),
+              "load_average_end": parts[-1]["header"]["load_average_end"],
+              "command": " && ".join(p["header"]["command"] for p in parts),
+              "parts": [{k: p["header"][k] for k in ("command", "created_utc", "wall_seconds", "load_average_start",
+                                                     "load_average_end")} for p in parts]}
+    trainers = [t for t in TRAINERS if any(r["trainer"] == t for r in runs)]
+    results = {"header": header, "runs": runs, "figure": _figure(runs, trainers)}
+    out = Path(out)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, allow_nan=False) + "\n")
+    tmp.replace(out)
+    return results
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -631,7 +670,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", action="store_true", help="with --side-by-side: start every run at once")
     p.add_argument("--no-generate", action="store_true",
                    help="skip the exact-match evaluation (greedy generation); measure the held-out loss only")
-    p.add_argument("--out", default=str(RESULTS_FILE), help="with --side-by-side: the results file")
+    p.add_argument("--out", default=str(RESULTS_FILE), help="with --side-by-side or --merge: the results file")
+    p.add_argument("--merge", nargs="+", metavar="FILE",
+                   help="join side-by-side results files of the same budget (other seeds) into --out")
     p.add_argument("--model", help="hub id or local folder of a Llama-style model (default: the bundled SmolLM2)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="force a device (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="force the compute dtype")
@@ -652,6 +693,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ``--side-by-side`` (:func:`side_by_side`, the results file's ``figure`` printed as the last line)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = vars(_parser().parse_args(argv))
+    if args["merge"]:
+        results = merge_results(args["merge"], out=args["out"])
+        print(json.dumps(results["figure"]), flush=True)
+        return results
     if args["side_by_side"]:
         passed = _strip(argv, {"--side-by-side": 0, "--seeds": len(args["seeds"]), "--out": 1, "--trainer": 1,
                                "--parallel": 0})
